@@ -1,0 +1,246 @@
+"""ARCW v1: the seed system's WAL file format, byte for byte. Pure encode/decode; no I/O.
+
+A WAL file (a *segment*) is a 7-byte file header followed by entries::
+
+    file header : b"ARCW" | u16 version (1) | u8 checksum type (1 = CRC-32 IEEE)
+    entry       : u32 payload length | u64 timestamp (µs since epoch) | u32 CRC-32 of payload
+                  | payload
+
+All integers are big-endian; the entry header is 16 bytes. A payload is at most
+100 MiB. It is msgpack, optionally wrapped in a database envelope::
+
+    envelope    : 0x01 | u16 name length | name (UTF-8) | msgpack
+
+0x01 can never start a msgpack map or array (those start at 0x80 and above), so the
+marker is unambiguous.
+
+walrep names segments by the sequence of their first entry
+(``arc-00000000000000000001.wal``, 20 decimal digits, so names sort like numbers);
+entry *i* of a segment has sequence ``base + i``. The seed names its files by time
+(``arc-20261125_074806.093906951.wal``): those read fine but carry no sequence.
+
+This module must never open a file: the writer, reader and recovery do that.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+MAGIC = b"ARCW"
+VERSION = 1
+CHECKSUM_CRC32 = 0x01
+FILE_HEADER = MAGIC + struct.pack(">HB", VERSION, CHECKSUM_CRC32)
+FILE_HEADER_BYTES = len(FILE_HEADER)  # 7
+ENTRY_HEADER = struct.Struct(">IQI")
+ENTRY_HEADER_BYTES = ENTRY_HEADER.size  # 16
+# The seed's limit: it keeps length arithmetic far from overflow and matches the
+# replication protocol's own message limit.
+MAX_PAYLOAD_BYTES = 100 * 1024 * 1024
+ENVELOPE_MARKER = 0x01
+# The envelope stores the name length in a u16, but the seed's writer crashes above
+# 255 bytes; we refuse there so every file we write is one the seed can read.
+MAX_DATABASE_NAME_BYTES = 255
+
+SEGMENT_PREFIX = "arc-"
+SEGMENT_SUFFIX = ".wal"
+SEQUENCE_DIGITS = 20
+_SEQUENCED_NAME = re.compile(r"^arc-(\d{20})\.wal$")
+
+crc32 = zlib.crc32
+
+
+class WALError(Exception):
+    """Base of the errors this package raises."""
+
+
+class PayloadTooLarge(WALError, ValueError):
+    """A payload exceeds MAX_PAYLOAD_BYTES. Nothing was written and no sequence was used."""
+
+    def __init__(self, size: int):
+        super().__init__(
+            f"WAL payload of {size} bytes exceeds the maximum of {MAX_PAYLOAD_BYTES} bytes"
+        )
+        self.size = size
+
+
+class InvalidDatabaseName(WALError, ValueError):
+    """A database name that the envelope cannot carry (too long, or not text)."""
+
+
+def encode_entry(timestamp_us: int, payload: bytes) -> bytes:
+    """One entry as it sits on disk: header and payload."""
+    return ENTRY_HEADER.pack(len(payload), timestamp_us, crc32(payload)) + payload
+
+
+def check_payload_size(size: int) -> None:
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(size)
+
+
+def encode_envelope(database: str, msgpack_payload: bytes) -> bytes:
+    """Wrap msgpack bytes with the database name, as the seed's AppendRawWithMeta does."""
+    if not isinstance(database, str):
+        raise InvalidDatabaseName(f"database name must be str, not {type(database).__name__}")
+    try:
+        name = database.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidDatabaseName(f"database name is not valid UTF-8 text: {exc}") from None
+    if len(name) > MAX_DATABASE_NAME_BYTES:
+        raise InvalidDatabaseName(
+            f"database name is {len(name)} bytes; "
+            f"at most {MAX_DATABASE_NAME_BYTES} fit the envelope"
+        )
+    return bytes((ENVELOPE_MARKER,)) + struct.pack(">H", len(name)) + name + msgpack_payload
+
+
+def parse_envelope(payload: bytes, default_database: str | None = None) -> tuple[str | None, bytes]:
+    """(database, msgpack bytes) of a payload; (default_database, payload) if not enveloped.
+
+    Like the seed's ParseEnvelope, a payload that starts with the marker but is too
+    short for the name it declares is returned unchanged.
+    """
+    if len(payload) >= 3 and payload[0] == ENVELOPE_MARKER:
+        name_len = (payload[1] << 8) | payload[2]
+        end = 3 + name_len
+        if len(payload) >= end:
+            try:
+                name = bytes(payload[3:end]).decode("utf-8")
+            except UnicodeDecodeError:
+                return default_database, payload
+            return name, payload[end:]
+    return default_database, payload
+
+
+# --- payload decoding -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnarEntry:
+    """A columnar payload: {"m": measurement, "columns": {name: [values...]}}."""
+
+    database: str
+    measurement: str
+    columns: dict[str, list[Any]]
+
+    @property
+    def row_count(self) -> int:
+        return max((len(values) for values in self.columns.values()), default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedPayload:
+    """What the seed's reader makes of a payload.
+
+    kind is "records" (a msgpack array of maps), "columnar" or "raw" (valid CRC, but
+    neither shape: the bytes are still the entry, they just carry no rows we know).
+    """
+
+    kind: str
+    database: str | None
+    records: list[dict[str, Any]] | None = None
+    columnar: ColumnarEntry | None = None
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def decode_payload(payload: bytes) -> DecodedPayload:
+    """Decode like the seed's reader: row records first, then columnar, else raw."""
+    database, body = parse_envelope(payload)
+    try:
+        value = _unpack(body)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return DecodedPayload("raw", database)
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        return DecodedPayload("records", database, records=value)
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("m"), str)
+        and isinstance(value.get("columns"), dict)
+        and all(isinstance(col, list) for col in value["columns"].values())
+    ):
+        columnar = ColumnarEntry(database or "", value["m"], value["columns"])
+        return DecodedPayload("columnar", database, columnar=columnar)
+    return DecodedPayload("raw", database)
+
+
+def encode_records(records: list[dict[str, Any]]) -> bytes:
+    """Row-format payload (what the seed's Append writes): a msgpack array of maps."""
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise TypeError("records must be a list of dicts")
+    return msgpack.packb(records, use_bin_type=True)
+
+
+# --- segment names ----------------------------------------------------------------
+
+
+def segment_name(first_sequence: int) -> str:
+    if first_sequence < 1:
+        raise ValueError(f"sequences start at 1, got {first_sequence}")
+    return f"{SEGMENT_PREFIX}{first_sequence:0{SEQUENCE_DIGITS}d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The first sequence a segment name carries, or None (seed-style or foreign name)."""
+    match = _SEQUENCED_NAME.match(name)
+    if match is None:
+        return None
+    sequence = int(match.group(1))
+    return sequence if sequence >= 1 else None
+
+
+def is_wal_file_name(name: str) -> bool:
+    return name.endswith(SEGMENT_SUFFIX) and not name.startswith(".")
+
+
+# --- scanning a buffer of entries -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something wrong in a WAL file, with where it is.
+
+    kind: "torn-tail" (an incomplete last entry, as a crash leaves it),
+    "crc-mismatch" (a complete entry whose payload does not match its CRC),
+    "bad-length" (a length no entry can have: the rest of the file is lost),
+    "bad-header" (the file header is not ARCW v1 with CRC-32).
+    sequence is the sequence the damaged entry would have had (None when the
+    file's name carries no sequence).
+    """
+
+    kind: str
+    file: str
+    offset: int
+    sequence: int | None
+    detail: str
+    lost_bytes: int = 0
+
+    def __str__(self) -> str:
+        seq = "?" if self.sequence is None else str(self.sequence)
+        return f"{self.kind} in {self.file} at offset {self.offset} (sequence {seq}): {self.detail}"
+
+
+def check_file_header(data: bytes) -> str | None:
+    """None if data starts with a valid ARCW v1 header, else what is wrong."""
+    if len(data) < FILE_HEADER_BYTES:
+        return f"file is {len(data)} bytes, shorter than the {FILE_HEADER_BYTES}-byte header"
+    if data[:4] != MAGIC:
+        return f"magic is {bytes(data[:4])!r}, not {MAGIC!r}"
+    version, checksum = struct.unpack_from(">HB", data, 4)
+    if version != VERSION:
+        return f"format version {version} is not supported (only {VERSION})"
+    if checksum != CHECKSUM_CRC32:
+        return f"checksum type {checksum} is not supported (only CRC-32)"
+    return None
+
+
+def is_all_zero(data, start: int) -> bool:
+    view = memoryview(data)[start:]
+    return not any(view) if len(view) < 4096 else view.tobytes().count(0) == len(view)

@@ -1,0 +1,454 @@
+"""Reading WAL segments: entries by sequence, raw frames for replication, range digests.
+
+The reader never repairs anything (the writer cuts torn tails on open) and never
+returns damaged bytes as data: a CRC mismatch is reported with file, offset and
+sequence and the entry is skipped; a length that cannot be right ends the file,
+the rest reported lost. It may read a segment the writer is appending to, so
+callers that must not see half-written entries pass ``to_seq`` (the writer's
+committed sequence) and the scan stops there before looking further.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
+
+from . import format as fmt
+
+log = logging.getLogger("walrep.node.reader")
+
+_unpack_header = fmt.ENTRY_HEADER.unpack_from
+_HEADER = fmt.ENTRY_HEADER_BYTES
+_crc32 = fmt.crc32
+_MAX = fmt.MAX_PAYLOAD_BYTES
+
+
+class RawEntry(NamedTuple):
+    """An entry as stored: sequence (None in a file without one), timestamp, payload."""
+
+    seq: int | None
+    timestamp_us: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A decoded entry: the seed's Entry plus its sequence and database."""
+
+    seq: int | None
+    timestamp_us: int
+    payload: bytes
+
+    @cached_property
+    def _decoded(self) -> fmt.DecodedPayload:
+        return fmt.decode_payload(self.payload)
+
+    @property
+    def kind(self) -> str:
+        return self._decoded.kind
+
+    @property
+    def database(self) -> str | None:
+        return self._decoded.database
+
+    @property
+    def records(self) -> list[dict[str, Any]] | None:
+        return self._decoded.records
+
+    @property
+    def columnar(self) -> fmt.ColumnarEntry | None:
+        return self._decoded.columnar
+
+    @property
+    def crc32(self) -> int:
+        return _crc32(self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    path: str
+    first_seq: int
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanEnd:
+    """Where a scan of one buffer stopped and why."""
+
+    valid_end: int  # offset just past the last complete entry (good CRC or not)
+    next_seq: int | None  # sequence the next entry would have
+    entries: int  # entries passed, including ones with a bad CRC
+    problem: fmt.Problem | None  # torn tail or bad length that ended the scan
+
+
+class RangeNotAvailable(fmt.WALError, LookupError):
+    """The requested sequence is not in this log (purged, or never written)."""
+
+    def __init__(self, sequence: int, first: int | None, last: int | None):
+        held = "nothing" if first is None else f"{first}..{last}"
+        super().__init__(f"sequence {sequence} is not in this log (it holds {held})")
+        self.sequence = sequence
+        self.first = first
+        self.last = last
+
+
+def list_segments(directory: str) -> tuple[list[Segment], list[str]]:
+    """Sequenced segments sorted by first sequence, and WAL files without a sequence."""
+    sequenced: list[Segment] = []
+    unsequenced: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return [], []
+    for name in names:
+        if not fmt.is_wal_file_name(name):
+            continue
+        seq = fmt.parse_segment_name(name)
+        path = os.path.join(directory, name)
+        if seq is None:
+            unsequenced.append(path)
+        else:
+            sequenced.append(Segment(path, seq))
+    sequenced.sort(key=lambda s: s.first_seq)
+    unsequenced.sort()
+    return sequenced, unsequenced
+
+
+def scan(
+    data: bytes,
+    file: str,
+    first_seq: int | None,
+    *,
+    start_seq: int | None = None,
+    stop_seq: int | None = None,
+    is_tail: bool = True,
+    on_entry: Callable[[int | None, int, bytes], None] | None = None,
+    on_problem: Callable[[fmt.Problem], None] | None = None,
+) -> ScanEnd:
+    """Walk the entries of one segment's bytes, calling on_entry for each good one.
+
+    Entries before ``start_seq`` are skipped without a CRC check (only their
+    lengths are read); scanning stops after ``stop_seq``. ``is_tail`` says whether
+    an incomplete last entry is a torn write (the newest segment) or damage.
+    """
+    pos = fmt.FILE_HEADER_BYTES
+    size = len(data)
+    seq = first_seq
+    entries = 0
+    skip_before = start_seq if (start_seq is not None and first_seq is not None) else None
+    while pos < size:
+        if stop_seq is not None and seq is not None and seq > stop_seq:
+            return ScanEnd(pos, seq, entries, None)
+        if size - pos < _HEADER:
+            problem = _tail_problem(data, pos, file, seq, is_tail, "partial entry header")
+            return _end(pos, seq, entries, problem, on_problem)
+        length, timestamp, crc = _unpack_header(data, pos)
+        if length > _MAX:
+            problem = fmt.Problem(
+                "bad-length",
+                file,
+                pos,
+                seq,
+                f"entry declares {length} bytes, more than the {_MAX}-byte maximum; "
+                f"the remaining {size - pos} bytes of the file are lost",
+                size - pos,
+            )
+            return _end(pos, seq, entries, problem, on_problem)
+        end = pos + _HEADER + length
+        if end > size:
+            problem = _tail_problem(
+                data,
+                pos,
+                file,
+                seq,
+                is_tail,
+                f"entry of {length} bytes, only {size - pos - _HEADER} present",
+            )
+            return _end(pos, seq, entries, problem, on_problem)
+        if length == 0 and timestamp == 0 and fmt.is_all_zero(data, pos):
+            # A zeroed header is a file extended by a crash, not an empty entry.
+            problem = _tail_problem(data, pos, file, seq, is_tail, "zero-filled tail")
+            return _end(pos, seq, entries, problem, on_problem)
+        if skip_before is None or seq >= skip_before:
+            payload = data[pos + _HEADER : end]
+            if _crc32(payload) != crc:
+                if is_tail and end == size:
+                    # The last entry of the newest file: a write the crash interrupted.
+                    problem = fmt.Problem(
+                        "torn-tail", file, pos, seq, "last entry fails its CRC", size - pos
+                    )
+                    return _end(pos, seq, entries, problem, on_problem)
+                if on_problem is not None:
+                    on_problem(
+                        fmt.Problem(
+                            "crc-mismatch",
+                            file,
+                            pos,
+                            seq,
+                            f"stored CRC {crc:08x}, "
+                            f"payload of {length} bytes has {_crc32(payload):08x}",
+                        )
+                    )
+            elif on_entry is not None:
+                on_entry(seq, timestamp, payload)
+        pos = end
+        entries += 1
+        if seq is not None:
+            seq += 1
+    return ScanEnd(pos, seq, entries, None)
+
+
+def _tail_problem(data, pos, file, seq, is_tail, what) -> fmt.Problem:
+    lost = len(data) - pos
+    if is_tail:
+        return fmt.Problem("torn-tail", file, pos, seq, f"{what}; {lost} bytes cut", lost)
+    return fmt.Problem(
+        "truncated", file, pos, seq, f"{what} in a sealed segment; {lost} bytes lost", lost
+    )
+
+
+def _end(pos, seq, entries, problem, on_problem) -> ScanEnd:
+    if on_problem is not None:
+        on_problem(problem)
+    return ScanEnd(pos, seq, entries, problem)
+
+
+def read_file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class WALReader:
+    """Reads a WAL directory (or one file) by sequence.
+
+    Metrics as in the seed: total_entries, total_bytes (payload bytes returned) and
+    corrupted_entries; ``problems`` keeps every problem found, with its place.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        on_problem: Callable[[fmt.Problem], None] | None = None,
+    ):
+        self.path = path
+        self.total_entries = 0
+        self.total_bytes = 0
+        self.corrupted_entries = 0
+        self.problems: list[fmt.Problem] = []
+        self._on_problem = on_problem
+
+    def _report(self, problem: fmt.Problem) -> None:
+        self.problems.append(problem)
+        self.corrupted_entries += 1
+        if self._on_problem is not None:
+            self._on_problem(problem)
+        else:
+            log.warning("WAL problem: %s", problem)
+
+    # --- which files -------------------------------------------------------------
+
+    def segments(self) -> list[Segment]:
+        if os.path.isfile(self.path):
+            seq = fmt.parse_segment_name(os.path.basename(self.path))
+            return [Segment(self.path, seq)] if seq is not None else []
+        return list_segments(self.path)[0]
+
+    def files(self) -> list[tuple[str, int | None]]:
+        """Every WAL file to read, in order: seed-named files first, then by sequence."""
+        if os.path.isfile(self.path):
+            return [(self.path, fmt.parse_segment_name(os.path.basename(self.path)))]
+        sequenced, unsequenced = list_segments(self.path)
+        return [(p, None) for p in unsequenced] + [(s.path, s.first_seq) for s in sequenced]
+
+    # --- entries -----------------------------------------------------------------
+
+    def raw_entries(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[RawEntry]:
+        """Good entries with sequence in [from_seq, to_seq], found by segment name.
+
+        Files without a sequence in their name are not part of a sequenced read.
+        """
+        segments = self.segments()
+        start = _segment_index(segments, from_seq)
+        for index in range(start, len(segments)):
+            segment = segments[index]
+            if to_seq is not None and segment.first_seq > to_seq:
+                return
+            is_tail = index == len(segments) - 1
+            yield from self._read_one(segment.path, segment.first_seq, is_tail, from_seq, to_seq)
+
+    def all_raw_entries(self) -> Iterator[RawEntry]:
+        """Every good entry of every WAL file, seed-named ones included."""
+        files = self.files()
+        for index, (path, first_seq) in enumerate(files):
+            is_tail = index == len(files) - 1 or first_seq is None
+            yield from self._read_one(path, first_seq, is_tail, None, None)
+
+    def entries(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[Entry]:
+        for raw in self.raw_entries(from_seq, to_seq):
+            yield Entry(*raw)
+
+    def all_entries(self) -> Iterator[Entry]:
+        for raw in self.all_raw_entries():
+            yield Entry(*raw)
+
+    def _read_one(self, path, first_seq, is_tail, from_seq, to_seq) -> Iterator[RawEntry]:
+        try:
+            data = read_file_bytes(path)
+        except FileNotFoundError:
+            return  # purged while we listed it
+        header_problem = fmt.check_file_header(data)
+        if header_problem is not None:
+            if (
+                len(data) < fmt.FILE_HEADER_BYTES
+                and is_tail
+                and data == fmt.FILE_HEADER[: len(data)]
+            ):
+                return  # a segment the writer is creating: nothing in it yet
+            self._report(fmt.Problem("bad-header", path, 0, first_seq, header_problem, len(data)))
+            return
+        found: list[RawEntry] = []
+        append = found.append
+
+        def on_entry(seq, timestamp, payload):
+            append(RawEntry(seq, timestamp, payload))
+
+        scan(
+            data,
+            path,
+            first_seq,
+            start_seq=from_seq if first_seq is not None else None,
+            stop_seq=to_seq if first_seq is not None else None,
+            is_tail=is_tail,
+            on_entry=on_entry,
+            on_problem=self._report,
+        )
+        self.total_entries += len(found)
+        self.total_bytes += sum(len(e.payload) for e in found)
+        yield from found
+
+    # --- replication helpers -----------------------------------------------------
+
+    def bounds(self) -> tuple[int | None, int | None]:
+        """(first, last) sequence held on disk, by segment names and the newest segment."""
+        segments = self.segments()
+        if not segments:
+            return None, None
+        newest = segments[-1]
+        data = read_file_bytes(newest.path)
+        if fmt.check_file_header(data) is not None:
+            end_seq = newest.first_seq
+        else:
+            end_seq = scan(data, newest.path, newest.first_seq).next_seq
+        last = end_seq - 1
+        first = segments[0].first_seq
+        return (first, last) if last >= first else (None, None)
+
+    def read_frames(
+        self, from_seq: int, to_seq: int, *, max_bytes: int = 1 << 20
+    ) -> tuple[int, int, bytes]:
+        """Consecutive on-disk frames from from_seq: (first_seq, count, bytes).
+
+        Stops at to_seq, at a segment's end, or once max_bytes is reached (at least
+        one entry is returned). Frames are verified: a damaged entry raises, so a
+        reader is never sent bytes that fail their CRC.
+        """
+        segments = self.segments()
+        index = _segment_index(segments, from_seq)
+        if index >= len(segments) or segments[index].first_seq > from_seq:
+            first, last = (segments[0].first_seq, None) if segments else (None, None)
+            raise RangeNotAvailable(from_seq, first, last)
+        segment = segments[index]
+        try:
+            data = read_file_bytes(segment.path)
+        except FileNotFoundError:
+            raise RangeNotAvailable(from_seq, None, None) from None
+        # Find the offset of from_seq by walking headers only.
+        pos = fmt.FILE_HEADER_BYTES
+        seq = segment.first_seq
+        size = len(data)
+        while seq < from_seq:
+            if size - pos < _HEADER:
+                raise RangeNotAvailable(from_seq, segments[0].first_seq, seq - 1)
+            (length,) = struct.unpack_from(">I", data, pos)
+            pos += _HEADER + length
+            seq += 1
+        start = pos
+        count = 0
+        while seq <= to_seq and pos < size and (count == 0 or pos - start < max_bytes):
+            if size - pos < _HEADER:
+                break
+            length, _timestamp, crc = _unpack_header(data, pos)
+            end = pos + _HEADER + length
+            if length > _MAX or end > size:
+                break  # not yet complete (or damaged): never served
+            if _crc32(data[pos + _HEADER : end]) != crc:
+                raise fmt.WALError(
+                    f"crc-mismatch in {segment.path} at offset {pos} (sequence {seq}): "
+                    "refusing to serve a damaged entry"
+                )
+            pos = end
+            seq += 1
+            count += 1
+        if count == 0:
+            raise RangeNotAvailable(from_seq, segments[0].first_seq, seq - 1)
+        return from_seq, count, data[start:pos]
+
+    def digest(self, from_seq: int, to_seq: int) -> str:
+        """A digest of entries from_seq..to_seq: equal on any node holding the same log."""
+        h = hashlib.blake2b(digest_size=16)
+        expected = from_seq
+        pack = struct.Struct(">Q").pack
+        for seq, timestamp, payload in self.raw_entries(from_seq, to_seq):
+            if seq != expected:
+                raise RangeNotAvailable(expected, from_seq, seq - 1)
+            h.update(pack(seq))
+            h.update(fmt.ENTRY_HEADER.pack(len(payload), timestamp, _crc32(payload)))
+            h.update(payload)
+            expected += 1
+        if expected != to_seq + 1:
+            raise RangeNotAvailable(expected, from_seq, expected - 1)
+        return h.hexdigest()
+
+
+def _segment_index(segments: list[Segment], seq: int) -> int:
+    """Index of the segment that holds seq (the last one starting at or before it)."""
+    lo, hi = 0, len(segments)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if segments[mid].first_seq <= seq:
+            lo = mid + 1
+        else:
+            hi = mid
+    return max(lo - 1, 0)
+
+
+def decode_frames(data: bytes, first_seq: int) -> list[RawEntry]:
+    """Split and verify a run of frames received from a peer; raise on any damage."""
+    out: list[RawEntry] = []
+    pos = 0
+    size = len(data)
+    seq = first_seq
+    while pos < size:
+        if size - pos < _HEADER:
+            raise fmt.WALError(f"frames for sequence {seq}: partial header at byte {pos}")
+        length, timestamp, crc = _unpack_header(data, pos)
+        end = pos + _HEADER + length
+        if length > _MAX or end > size:
+            raise fmt.WALError(f"frames for sequence {seq}: bad length {length} at byte {pos}")
+        payload = data[pos + _HEADER : end]
+        if _crc32(payload) != crc:
+            raise fmt.WALError(f"frames for sequence {seq}: CRC mismatch at byte {pos}")
+        out.append(RawEntry(seq, timestamp, payload))
+        pos = end
+        seq += 1
+    return out

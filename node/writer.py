@@ -1,0 +1,836 @@
+"""The WAL writer: sequences, group commit, sync modes, rotation, purges, repair on open.
+
+Callers append from any thread; each accepted entry gets the next sequence at once
+and waits in an in-memory queue. One background thread takes everything queued,
+writes it with one ``write`` and covers it with one sync (group commit), then moves
+the committed and durable sequences and fires the commit hook with the exact bytes
+written. An entry refused (queue full, too large, writer closed) gets no sequence
+and reaches no hook.
+
+The writer owns the files of its directory: it must be the only writer there.
+It never talks to the network; the cluster layer hangs replication off its hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import format as fmt
+from .reader import Segment, decode_frames, list_segments, read_file_bytes, scan
+
+log = logging.getLogger("walrep.node.writer")
+
+DEFAULT_MAX_SIZE_BYTES = 100 * 1024 * 1024
+DEFAULT_MAX_AGE_S = 3600.0
+DEFAULT_SYNC_INTERVAL_S = 0.100
+DEFAULT_SYNC_BYTES = 1024 * 1024
+DEFAULT_BUFFER_ENTRIES = 10_000
+# After a failed write (a full disk, say) the writer retries the same group this
+# often: the entries already have sequences, so they must go to disk in order.
+WRITE_RETRY_INTERVAL_S = 0.5
+
+_pack_header = fmt.ENTRY_HEADER.pack
+_crc32 = fmt.crc32
+_MAX = fmt.MAX_PAYLOAD_BYTES
+
+
+class SyncMode(enum.StrEnum):
+    FSYNC = "fsync"
+    FDATASYNC = "fdatasync"
+    ASYNC = "async"  # write each group, sync every SYNC_INTERVAL or SYNC_BYTES
+
+
+class WALDropped(fmt.WALError):
+    """The queue is full and the caller asked not to wait. The entry got no sequence."""
+
+    def __init__(self, queued: int):
+        super().__init__(f"WAL entry dropped: queue full ({queued} entries waiting)")
+        self.queued = queued
+
+
+class WALClosed(fmt.WALError):
+    """The writer was closed; nothing more is accepted."""
+
+
+class WALFailed(fmt.WALError):
+    """A sync failed: the kernel may have dropped written pages, so the writer stops.
+
+    Reopening the directory rescans it and continues from what is really there.
+    """
+
+
+class OutOfOrder(fmt.WALError, ValueError):
+    """A replicated run does not start at the writer's next sequence."""
+
+    def __init__(self, got: int, expected: int):
+        super().__init__(f"replicated entries start at {got}, the log expects {expected}")
+        self.got = got
+        self.expected = expected
+
+
+class DurabilityTimeout(fmt.WALError, TimeoutError):
+    """Accepted (the sequence is assigned and will be written) but not yet durable."""
+
+    def __init__(self, seq: int, timeout: float):
+        super().__init__(f"sequence {seq} not durable within {timeout} s (it is still queued)")
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationEntry:
+    """An accepted entry, as the seed's replication hook receives it."""
+
+    seq: int
+    timestamp_us: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedRun:
+    """Consecutive entries first_seq..last_seq that just became committed.
+
+    data is the bytes written to the segment for them (headers and payloads), so
+    a replica that writes these bytes holds an identical log.
+    """
+
+    first_seq: int
+    last_seq: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    sync_mode: str
+    current_file: str | None
+    current_sequence: int  # last sequence assigned
+    committed_sequence: int  # last sequence written (and synced, in a syncing mode)
+    durable_sequence: int  # last sequence covered by a completed sync
+    queued_entries: int
+    total_entries: int
+    total_bytes: int
+    total_syncs: int
+    total_rotations: int
+    dropped_entries: int
+    write_errors: int
+    last_sync_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Writer:
+    """A WAL writer for one directory. See the module docstring."""
+
+    def __init__(
+        self,
+        wal_dir: str,
+        *,
+        sync_mode: SyncMode | str = SyncMode.FDATASYNC,
+        max_size_bytes: int = DEFAULT_MAX_SIZE_BYTES,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        sync_interval_s: float = DEFAULT_SYNC_INTERVAL_S,
+        sync_bytes: int = DEFAULT_SYNC_BYTES,
+        buffer_entries: int = DEFAULT_BUFFER_ENTRIES,
+        sync_file: Callable[[int], None] | None = None,
+    ):
+        self.wal_dir = wal_dir
+        self.sync_mode = SyncMode(sync_mode)
+        if max_size_bytes <= fmt.FILE_HEADER_BYTES:
+            raise ValueError(f"max_size_bytes must exceed {fmt.FILE_HEADER_BYTES}")
+        if buffer_entries < 1:
+            raise ValueError("buffer_entries must be at least 1")
+        self.max_size_bytes = max_size_bytes
+        self.max_age_s = max_age_s
+        self.sync_interval_s = sync_interval_s
+        self.sync_bytes = sync_bytes
+        self.buffer_entries = buffer_entries
+        # A seam for tests and a choice for users: how a file is made durable.
+        if sync_file is None:
+            sync_file = os.fsync if self.sync_mode is SyncMode.FSYNC else _fdatasync
+        self._sync_file = sync_file
+
+        self._lock = threading.Lock()  # sequences, queue, hooks
+        self._room = threading.Condition(self._lock)
+        self._files_lock = threading.Lock()  # segment files: writes, rotation, purges
+        self._progress = threading.Condition(threading.Lock())  # committed/durable moved
+        self._wake = threading.Event()
+
+        self._queue: list[bytes] = []
+        self._queued_entries = 0
+        self._room_waiters = 0
+        self._durable_waiters = 0
+        self._closing = False
+        self._failed: BaseException | None = None
+
+        self._replication_hook: Callable[[ReplicationEntry], None] | None = None
+        self._batch_hook: Callable[[list[ReplicationEntry]], None] | None = None
+        self._commit_hook: Callable[[CommittedRun], None] | None = None
+
+        self.total_entries = 0
+        self.total_bytes = 0
+        self.total_syncs = 0
+        self.total_rotations = 0
+        self.dropped_entries = 0
+        self.write_errors = 0
+        self.last_sync_seconds = 0.0
+        self.repairs: list[fmt.Problem] = []
+
+        _ensure_private_dir(wal_dir)
+        self._fd: int | None = None
+        self._active: Segment | None = None
+        self._active_size = 0
+        self._active_opened = 0.0
+        self._active_entries = 0
+        next_seq = self._open_newest()
+        self._next_seq = next_seq  # next sequence to assign
+        self._written_next = next_seq  # next sequence to write to disk
+        self._committed = next_seq - 1
+        self._durable = next_seq - 1
+        self._unsynced_bytes = 0
+        self._last_sync = time.monotonic()
+
+        self._thread = threading.Thread(target=self._run, name=f"wal-writer {wal_dir}", daemon=True)
+        self._thread.start()
+
+    # --- opening -------------------------------------------------------------------
+
+    def _open_newest(self) -> int:
+        """Repair the newest segment if a crash tore it and return the next sequence."""
+        segments, unsequenced = list_segments(self.wal_dir)
+        for path in unsequenced:
+            log.info("not a sequenced segment, left alone by the writer: %s", path)
+        if not segments:
+            return 1
+        newest = segments[-1]
+        data = read_file_bytes(newest.path)
+        header_problem = fmt.check_file_header(data)
+        if header_problem is not None:
+            if len(data) < fmt.FILE_HEADER_BYTES and fmt.FILE_HEADER.startswith(data):
+                # Created by a rotation that crashed before the header was complete.
+                self._rewrite_header(newest.path)
+                self._attach(newest, fmt.FILE_HEADER_BYTES, 0)
+                return newest.first_seq
+            raise fmt.WALError(f"cannot open the newest segment {newest.path}: {header_problem}")
+        end = scan(data, newest.path, newest.first_seq, is_tail=True)
+        if end.problem is not None:
+            self._cut_tail(newest.path, data, end.valid_end, end.problem)
+        self._attach(newest, end.valid_end, end.entries)
+        return end.next_seq
+
+    def _cut_tail(self, path: str, data: bytes, valid_end: int, problem: fmt.Problem) -> None:
+        broken = f"{path}.broken"
+        with open(broken, "ab") as f:
+            f.write(data[valid_end:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(broken, 0o600)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, valid_end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _sync_dir(self.wal_dir)
+        self.repairs.append(problem)
+        log.warning(
+            "cut a torn tail: %s; kept the %d cut bytes in %s",
+            problem,
+            len(data) - valid_end,
+            broken,
+        )
+
+    def _rewrite_header(self, path: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, fmt.FILE_HEADER)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _attach(self, segment: Segment, size: int, entries: int) -> None:
+        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        self._active = segment
+        self._active_size = size
+        self._active_entries = entries
+        self._active_opened = time.monotonic()
+
+    # --- hooks ---------------------------------------------------------------------
+
+    def set_replication_hook(self, hook: Callable[[ReplicationEntry], None] | None) -> None:
+        """Called for each accepted entry, in sequence order, as soon as it has its sequence.
+
+        Unlike the seed (which calls its hook before it knows the entry will be
+        written), an entry reaches this hook only once it is accepted. It runs while
+        the writer's lock is held: keep it short, and do not append from it.
+        """
+        with self._lock:
+            self._replication_hook = hook
+
+    def set_batch_hook(self, hook: Callable[[list[ReplicationEntry]], None] | None) -> None:
+        """Like the replication hook, but called once per append call with its entries."""
+        with self._lock:
+            self._batch_hook = hook
+
+    def set_commit_hook(self, hook: Callable[[CommittedRun], None] | None) -> None:
+        """Called from the writer thread each time a run of entries is committed.
+
+        Committed means written and synced in the fsync and fdatasync modes, and
+        written to the OS in async mode. This is where replication publishes.
+        """
+        with self._lock:
+            self._commit_hook = hook
+
+    # --- appending -----------------------------------------------------------------
+
+    def append(self, records: list[dict[str, Any]], **wait: Any) -> int:
+        """Append row records (a msgpack array of maps); return the sequence."""
+        return self.append_raw(fmt.encode_records(records), **wait)
+
+    def append_nowait(self, records: list[dict[str, Any]]) -> int:
+        return self.append_raw_nowait(fmt.encode_records(records))
+
+    def append_raw_with_meta(self, database: str, payload: bytes, **wait: Any) -> int:
+        """Append msgpack bytes inside a database envelope."""
+        return self.append_raw(fmt.encode_envelope(database, payload), **wait)
+
+    def append_raw_with_meta_nowait(self, database: str, payload: bytes) -> int:
+        return self.append_raw_nowait(fmt.encode_envelope(database, payload))
+
+    def append_raw_nowait(self, payload: bytes) -> int:
+        """Append one payload without waiting; raise WALDropped if the queue is full."""
+        return self._append_one(payload, False, None)
+
+    def append_raw(
+        self, payload: bytes, *, durable: bool = False, timeout: float | None = None
+    ) -> int:
+        """Append one payload, waiting for room; with durable=True also until it is synced."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seq = self._append_one(payload, True, timeout)
+        if durable:
+            self.wait_durable(seq, _remaining(deadline))
+        return seq
+
+    def _append_one(self, payload: bytes, wait: bool, timeout: float | None) -> int:
+        # The hot path: one lock round, no allocation beyond the frame itself.
+        size = len(payload)
+        if size > _MAX:
+            raise fmt.PayloadTooLarge(size)
+        timestamp = time.time_ns() // 1000
+        frame = _pack_header(size, timestamp, _crc32(payload)) + payload
+        with self._lock:
+            if self._closing or self._failed is not None:
+                self._refuse_closed()
+            if self._queued_entries >= self.buffer_entries:
+                if not wait:
+                    self.dropped_entries += 1
+                    raise WALDropped(self._queued_entries)
+                self._wait_for_room(1, timeout)
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            queue = self._queue
+            queue.append(frame)
+            self._queued_entries += 1
+            if self._replication_hook is not None or self._batch_hook is not None:
+                self._call_hooks([ReplicationEntry(seq, timestamp, bytes(payload))])
+        if len(queue) == 1:
+            self._wake.set()
+        return seq
+
+    def append_batch_nowait(self, payloads: Sequence[bytes]) -> tuple[int, int]:
+        """Append many payloads as consecutive sequences; (first, last). All or nothing."""
+        return self._append_frames(*_frame_payloads(payloads), wait=False, timeout=None)
+
+    def append_batch(
+        self,
+        payloads: Sequence[bytes],
+        *,
+        durable: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[int, int]:
+        """Append many payloads as consecutive sequences, waiting for room; (first, last)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        first, last = self._append_frames(*_frame_payloads(payloads), wait=True, timeout=timeout)
+        if durable:
+            self.wait_durable(last, _remaining(deadline))
+        return first, last
+
+    def append_replicated(
+        self, first_seq: int, data: bytes, *, timeout: float | None = None
+    ) -> int:
+        """A reader's path: append frames received from the leader, byte for byte.
+
+        The run must start at this log's next sequence; every frame is checked
+        (length, CRC) before anything is queued. Returns the last sequence.
+        """
+        entries = decode_frames(data, first_seq)
+        if not entries:
+            raise ValueError("no frames to append")
+
+        def hook_entries(first: int) -> list[ReplicationEntry]:
+            return [ReplicationEntry(*entry) for entry in entries]
+
+        _first, last = self._append_frames(
+            [data], len(entries), hook_entries, wait=True, timeout=timeout, expect_first=first_seq
+        )
+        return last
+
+    def start_at(self, seq: int) -> None:
+        """Make an empty log's first sequence seq (a reader joining mid-stream)."""
+        if seq < 1:
+            raise ValueError(f"sequences start at 1, got {seq}")
+        with self._files_lock, self._lock:
+            if self._next_seq != 1:
+                raise fmt.WALError(
+                    f"start_at({seq}) needs an empty log; this one is at {self._next_seq - 1}"
+                )
+            empty = self._active
+            if empty is not None:
+                self._close_active()
+                os.unlink(empty.path)
+            self._next_seq = self._written_next = seq
+            self._committed = self._durable = seq - 1
+
+    def _append_frames(
+        self,
+        chunks: list[bytes],
+        n: int,
+        hook_entries: Callable[[int], list[ReplicationEntry]],
+        *,
+        wait: bool,
+        timeout: float | None,
+        expect_first: int | None = None,
+    ) -> tuple[int, int]:
+        """Queue n entries already framed in chunks; hook_entries(first) builds hook input."""
+        if not n:
+            raise ValueError("nothing to append")
+        with self._lock:
+            if self._queued_entries and self._queued_entries + n > self.buffer_entries:
+                if not wait:
+                    self.dropped_entries += n
+                    raise WALDropped(self._queued_entries)
+                self._wait_for_room(n, timeout)
+            if self._closing or self._failed is not None:
+                self._refuse_closed()
+            first = self._next_seq
+            if expect_first is not None and first != expect_first:
+                raise OutOfOrder(expect_first, first)
+            self._next_seq = first + n
+            was_empty = not self._queue
+            self._queue.extend(chunks)
+            self._queued_entries += n
+            if self._replication_hook is not None or self._batch_hook is not None:
+                self._call_hooks(hook_entries(first))
+        if was_empty:
+            self._wake.set()
+        return first, first + n - 1
+
+    def _wait_for_room(self, n: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._room_waiters += 1
+        try:
+            while self._queued_entries and self._queued_entries + n > self.buffer_entries:
+                if self._closing or self._failed is not None:
+                    self._refuse_closed()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"no room in the WAL queue within {timeout} s; the entry was not accepted"
+                    )
+                self._room.wait(remaining)
+        finally:
+            self._room_waiters -= 1
+
+    def _call_hooks(self, entries: list[ReplicationEntry]) -> None:
+        try:
+            if self._replication_hook is not None:
+                for entry in entries:
+                    self._replication_hook(entry)
+            if self._batch_hook is not None:
+                self._batch_hook(entries)
+        except Exception:
+            # The entries are accepted whatever a hook does; a failing hook must not
+            # make the caller believe they were refused.
+            log.exception("replication hook failed for sequences %d..", entries[0].seq)
+
+    def _refuse_closed(self):
+        if self._failed is not None:
+            raise WALFailed(f"the WAL writer for {self.wal_dir} failed: {self._failed}") from (
+                self._failed
+            )
+        raise WALClosed(f"the WAL writer for {self.wal_dir} is closed")
+
+    # --- waiting -------------------------------------------------------------------
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> None:
+        """Block until seq is covered by a sync (raise DurabilityTimeout otherwise)."""
+        self._wait_progress(seq, timeout, durable=True)
+
+    def wait_committed(self, seq: int, timeout: float | None = None) -> None:
+        """Block until seq is committed (see set_commit_hook)."""
+        self._wait_progress(seq, timeout, durable=False)
+
+    def _wait_progress(self, seq: int, timeout: float | None, *, durable: bool) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._progress:
+            if durable:
+                self._durable_waiters += 1
+            try:
+                self._wait_progress_locked(seq, timeout, deadline, durable)
+            finally:
+                if durable:
+                    self._durable_waiters -= 1
+
+    def _wait_progress_locked(self, seq, timeout, deadline, durable) -> None:
+        while (self._durable if durable else self._committed) < seq:
+            if self._failed is not None:
+                self._refuse_closed()
+            if self._closing and not self._thread.is_alive():
+                raise WALClosed(f"writer closed before sequence {seq} was durable")
+            if durable and self.sync_mode is SyncMode.ASYNC:
+                self._wake.set()  # someone waits: sync now rather than at the interval
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DurabilityTimeout(seq, timeout)
+            self._progress.wait(remaining)
+
+    # --- the writer thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        retry_group: tuple[list[bytes], int] | None = None
+        while True:
+            self._wake.wait(self._idle_timeout())
+            self._wake.clear()
+            if retry_group is None:
+                with self._lock:
+                    chunks, count = self._queue, self._queued_entries
+                    self._queue = []
+                    self._queued_entries = 0
+                    closing = self._closing
+                    if self._room_waiters:
+                        self._room.notify_all()
+            else:
+                chunks, count = retry_group
+                with self._lock:
+                    closing = self._closing
+            try:
+                if chunks:
+                    self._write_group(chunks, count)
+                retry_group = None
+                if self._sync_due(closing):
+                    with self._files_lock:
+                        self._sync_now()
+            except OSError as exc:
+                if chunks and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not closing:
+                    # Keep the group: its sequences are promised. Retry until space frees.
+                    self.write_errors += 1
+                    log.error(
+                        "WAL write failed (%s); %d entries from sequence %d wait; retrying",
+                        exc,
+                        count,
+                        self._written_next,
+                    )
+                    retry_group = (chunks, count)
+                    time.sleep(WRITE_RETRY_INTERVAL_S)
+                    continue
+                self._fail(exc)
+                return
+            except BaseException as exc:  # the thread must report, never die silently
+                self._fail(exc)
+                return
+            if closing:
+                with self._lock:
+                    if not self._queue:
+                        break
+        with self._files_lock:
+            self._close_active()
+
+    def _idle_timeout(self) -> float | None:
+        if self.sync_mode is SyncMode.ASYNC and self._unsynced_bytes:
+            return max(0.0, self.sync_interval_s - (time.monotonic() - self._last_sync))
+        return None
+
+    def _sync_due(self, closing: bool) -> bool:
+        if not self._unsynced_bytes:
+            return False
+        if self.sync_mode is not SyncMode.ASYNC or closing:
+            return True
+        return (
+            (self.sync_bytes and self._unsynced_bytes >= self.sync_bytes)
+            or time.monotonic() - self._last_sync >= self.sync_interval_s
+            or self._durable_waiters > 0  # someone waits: sync now, not at the interval
+        )
+
+    def _write_group(self, chunks: list[bytes], count: int) -> None:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        first = self._written_next
+        with self._files_lock:
+            if self._needs_rotation():
+                self._rotate(first)
+            self._write_all(data)
+            self._active_size += len(data)
+            self._active_entries += count
+            self._written_next = first + count
+            self._unsynced_bytes += len(data)
+            self.total_entries += count
+            self.total_bytes += len(data)
+            if self.sync_mode is not SyncMode.ASYNC:
+                self._sync_now()  # syncing modes: committed means synced
+        last = first + count - 1
+        with self._progress:
+            self._committed = last
+            self._progress.notify_all()
+        hook = self._commit_hook
+        if hook is not None:
+            try:
+                hook(CommittedRun(first, last, data))
+            except Exception:
+                log.exception("commit hook failed for sequences %d..%d", first, last)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        start_size = self._active_size
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            # Leave no partial entry behind: the group is retried whole.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start_size)
+            raise
+
+    def _sync_now(self) -> None:
+        if self._fd is None:
+            return
+        started = time.monotonic()
+        try:
+            self._sync_file(self._fd)
+        except OSError as exc:
+            raise WALFailed(f"sync of {self.current_file()} failed: {exc}") from exc
+        self.last_sync_seconds = time.monotonic() - started
+        self.total_syncs += 1
+        self._unsynced_bytes = 0
+        self._last_sync = time.monotonic()
+        with self._progress:
+            self._durable = self._written_next - 1
+            self._progress.notify_all()
+
+    def _needs_rotation(self) -> bool:
+        if self._active is None:
+            return True
+        if self._active_entries == 0:
+            return False
+        return (
+            self._active_size >= self.max_size_bytes
+            or time.monotonic() - self._active_opened >= self.max_age_s
+        )
+
+    def _rotate(self, first_seq: int) -> None:
+        """Seal the active segment and start one named by first_seq (files lock held)."""
+        if self._active is not None:
+            if self._unsynced_bytes:
+                self._sync_now()
+            self._close_active()
+            self.total_rotations += 1
+        path = os.path.join(self.wal_dir, fmt.segment_name(first_seq))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, fmt.FILE_HEADER)
+            self._sync_file(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        _sync_dir(self.wal_dir)
+        self._fd = fd
+        self._active = Segment(path, first_seq)
+        self._active_size = fmt.FILE_HEADER_BYTES
+        self._active_entries = 0
+        self._active_opened = time.monotonic()
+
+    def _close_active(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                self._sync_file(fd)
+            finally:
+                os.close(fd)
+        self._active = None
+
+    def _fail(self, exc: BaseException) -> None:
+        log.critical("WAL writer for %s stopped: %s", self.wal_dir, exc)
+        with self._lock:
+            self._failed = exc
+            self._room.notify_all()
+        with self._progress:
+            self._progress.notify_all()
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting, write and sync everything queued, close the files."""
+        with self._lock:
+            self._closing = True
+            self._room.notify_all()
+        self._wake.set()
+        self._thread.join(timeout)
+        with self._progress:
+            self._progress.notify_all()
+        if self._failed is not None:
+            raise WALFailed(f"the WAL writer for {self.wal_dir} failed: {self._failed}")
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- positions and stats -------------------------------------------------------
+
+    def current_sequence(self) -> int:
+        """The last sequence assigned (0 if none ever was)."""
+        return self._next_seq - 1
+
+    def committed_sequence(self) -> int:
+        return self._committed
+
+    def durable_sequence(self) -> int:
+        return self._durable
+
+    def current_file(self) -> str | None:
+        active = self._active
+        return active.path if active is not None else None
+
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            sync_mode=self.sync_mode.value,
+            current_file=self.current_file(),
+            current_sequence=self.current_sequence(),
+            committed_sequence=self._committed,
+            durable_sequence=self._durable,
+            queued_entries=self._queued_entries,
+            total_entries=self.total_entries,
+            total_bytes=self.total_bytes,
+            total_syncs=self.total_syncs,
+            total_rotations=self.total_rotations,
+            dropped_entries=self.dropped_entries,
+            write_errors=self.write_errors,
+            last_sync_seconds=self.last_sync_seconds,
+        )
+
+    # --- purges ----------------------------------------------------------------------
+
+    def segments(self) -> list[Segment]:
+        return list_segments(self.wal_dir)[0]
+
+    def purge_all(self) -> int:
+        """Delete every segment, as after a clean shutdown whose data is stored elsewhere.
+
+        The sequence is not reset: a fresh, empty segment named by the next sequence
+        is created (and synced) before the old files go, so a reopen continues there.
+        """
+        with self._files_lock:
+            if self._active is None or self._active_entries:
+                self._rotate(self._written_next)
+            active = self.current_file()
+            return self._delete(s for s in self.segments() if s.path != active)
+
+    def purge_inactive(self) -> int:
+        """Delete every segment except the active one."""
+        with self._files_lock:
+            active = self.current_file()
+            return self._delete(s for s in self.segments() if s.path != active)
+
+    def purge_older_than(self, min_age_s: float) -> int:
+        """Delete inactive segments whose modification time is older than min_age_s."""
+        cutoff = time.time() - min_age_s
+        with self._files_lock:
+            active = self.current_file()
+            return self._delete(
+                s for s in self.segments() if s.path != active and _mtime(s.path) < cutoff
+            )
+
+    def purge_before(self, seq: int) -> int:
+        """Delete inactive segments all of whose entries are below seq (retention)."""
+        with self._files_lock:
+            segments = self.segments()
+            active = self.current_file()
+            doomed = [
+                s
+                for s, following in zip(segments, segments[1:], strict=False)
+                if following.first_seq <= seq and s.path != active
+            ]
+            return self._delete(doomed)
+
+    def _delete(self, segments: Iterable[Segment]) -> int:
+        removed = 0
+        for segment in segments:
+            try:
+                os.unlink(segment.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        if removed:
+            _sync_dir(self.wal_dir)
+        return removed
+
+
+def _frame_payloads(payloads: Sequence[bytes]):
+    """Build the on-disk bytes of many payloads in one piece, before taking any lock.
+
+    Returns the arguments of Writer._append_frames: chunks, count, hook_entries.
+    Every size is checked first, so a batch with one oversized payload adds nothing.
+    """
+    for payload in payloads:
+        if len(payload) > _MAX:
+            raise fmt.PayloadTooLarge(len(payload))
+    timestamp = time.time_ns() // 1000
+    parts = []
+    add = parts.append
+    for payload in payloads:
+        add(_pack_header(len(payload), timestamp, _crc32(payload)))
+        add(payload)
+
+    def hook_entries(first: int) -> list[ReplicationEntry]:
+        return [ReplicationEntry(first + i, timestamp, bytes(p)) for i, p in enumerate(payloads)]
+
+    return [b"".join(parts)], len(payloads), hook_entries
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _fdatasync(fd: int) -> None:
+    os.fdatasync(fd)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _ensure_private_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+        parent = os.path.dirname(os.path.abspath(path))
+        _sync_dir(parent)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
