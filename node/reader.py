@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import format as fmt
 
@@ -29,12 +29,10 @@ _crc32 = fmt.crc32
 _MAX = fmt.MAX_PAYLOAD_BYTES
 
 
-class RawEntry(NamedTuple):
-    """An entry as stored: sequence (None in a file without one), timestamp, payload."""
-
-    seq: int | None
-    timestamp_us: int
-    payload: bytes
+# An entry as stored: (sequence, timestamp in µs, payload). A plain tuple because
+# scans build millions of them and a named tuple costs twice as much to make;
+# sequence is None for a file whose name carries none.
+RawEntry = tuple[int | None, int, bytes]
 
 
 @dataclass(frozen=True)
@@ -131,10 +129,10 @@ def scan(
     start_seq: int | None = None,
     stop_seq: int | None = None,
     is_tail: bool = True,
-    on_entry: Callable[[int | None, int, bytes], None] | None = None,
+    out: list[RawEntry] | None = None,
     on_problem: Callable[[fmt.Problem], None] | None = None,
 ) -> ScanEnd:
-    """Walk the entries of one segment's bytes, calling on_entry for each good one.
+    """Walk the entries of one segment's bytes, appending each good one to ``out``.
 
     Entries before ``start_seq`` are skipped without a CRC check (only their
     lengths are read); scanning stops after ``stop_seq``. ``is_tail`` says whether
@@ -144,7 +142,9 @@ def scan(
     size = len(data)
     seq = first_seq
     entries = 0
-    skip_before = start_seq if (start_seq is not None and first_seq is not None) else None
+    skip_before = start_seq if (start_seq is not None and first_seq is not None) else 0
+    view = memoryview(data)
+    add = out.append if out is not None else None
     while pos < size:
         if stop_seq is not None and seq is not None and seq > stop_seq:
             return ScanEnd(pos, seq, entries, None)
@@ -178,9 +178,8 @@ def scan(
             # A zeroed header is a file extended by a crash, not an empty entry.
             problem = _tail_problem(data, pos, file, seq, is_tail, "zero-filled tail")
             return _end(pos, seq, entries, problem, on_problem)
-        if skip_before is None or seq >= skip_before:
-            payload = data[pos + _HEADER : end]
-            if _crc32(payload) != crc:
+        if not skip_before or seq >= skip_before:
+            if _crc32(view[pos + _HEADER : end]) != crc:
                 if is_tail and end == size:
                     # The last entry of the newest file: a write the crash interrupted.
                     problem = fmt.Problem(
@@ -195,11 +194,12 @@ def scan(
                             pos,
                             seq,
                             f"stored CRC {crc:08x}, "
-                            f"payload of {length} bytes has {_crc32(payload):08x}",
+                            f"payload of {length} bytes has "
+                            f"{_crc32(view[pos + _HEADER : end]):08x}",
                         )
                     )
-            elif on_entry is not None:
-                on_entry(seq, timestamp, payload)
+            elif add is not None:
+                add((seq, timestamp, data[pos + _HEADER : end]))
         pos = end
         entries += 1
         if seq is not None:
@@ -210,7 +210,9 @@ def scan(
 def _tail_problem(data, pos, file, seq, is_tail, what) -> fmt.Problem:
     lost = len(data) - pos
     if is_tail:
-        return fmt.Problem("torn-tail", file, pos, seq, f"{what}; {lost} bytes cut", lost)
+        return fmt.Problem(
+            "torn-tail", file, pos, seq, f"{what}; the last {lost} bytes are incomplete", lost
+        )
     return fmt.Problem(
         "truncated", file, pos, seq, f"{what} in a sealed segment; {lost} bytes lost", lost
     )
@@ -317,11 +319,6 @@ class WALReader:
             self._report(fmt.Problem("bad-header", path, 0, first_seq, header_problem, len(data)))
             return
         found: list[RawEntry] = []
-        append = found.append
-
-        def on_entry(seq, timestamp, payload):
-            append(RawEntry(seq, timestamp, payload))
-
         scan(
             data,
             path,
@@ -329,11 +326,11 @@ class WALReader:
             start_seq=from_seq if first_seq is not None else None,
             stop_seq=to_seq if first_seq is not None else None,
             is_tail=is_tail,
-            on_entry=on_entry,
+            out=found,
             on_problem=self._report,
         )
         self.total_entries += len(found)
-        self.total_bytes += sum(len(e.payload) for e in found)
+        self.total_bytes += sum(len(e[2]) for e in found)
         yield from found
 
     # --- replication helpers -----------------------------------------------------
@@ -448,7 +445,7 @@ def decode_frames(data: bytes, first_seq: int) -> list[RawEntry]:
         payload = data[pos + _HEADER : end]
         if _crc32(payload) != crc:
             raise fmt.WALError(f"frames for sequence {seq}: CRC mismatch at byte {pos}")
-        out.append(RawEntry(seq, timestamp, payload))
+        out.append((seq, timestamp, payload))
         pos = end
         seq += 1
     return out
