@@ -50,7 +50,7 @@ MAX_DATABASE_NAME_BYTES = 255
 SEGMENT_PREFIX = "arc-"
 SEGMENT_SUFFIX = ".wal"
 SEQUENCE_DIGITS = 20
-_SEQUENCED_NAME = re.compile(r"^arc-(\d{20})\.wal$")
+_SEQUENCED_NAME = re.compile(r"^arc-([0-9]{20})\.wal\Z")  # ASCII digits; no trailing newline
 
 crc32 = zlib.crc32
 
@@ -244,3 +244,36 @@ def check_file_header(data: bytes) -> str | None:
 def is_all_zero(data, start: int) -> bool:
     view = memoryview(data)[start:]
     return not any(view) if len(view) < 4096 else view.tobytes().count(0) == len(view)
+
+
+def frames_offset(data: bytes, skip: int) -> int:
+    """Byte offset of frame number ``skip`` in a run of frames (for trimming overlaps)."""
+    pos = 0
+    for _ in range(skip):
+        if len(data) - pos < ENTRY_HEADER_BYTES:
+            raise WALError(f"run of frames ends before frame {skip}")
+        (length,) = struct.unpack_from(">I", data, pos)
+        pos += ENTRY_HEADER_BYTES + length
+    if pos > len(data):
+        raise WALError(f"run of frames ends before frame {skip}")
+    return pos
+
+
+def split_frames(data: bytes, first_seq: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+    """Cut a run of frames into pieces of about max_bytes: [(first_seq, count, bytes)]."""
+    pieces = []
+    start = pos = 0
+    seq = first_seq
+    count = 0
+    size = len(data)
+    while pos < size:
+        (length,) = struct.unpack_from(">I", data, pos)
+        pos += ENTRY_HEADER_BYTES + length
+        count += 1
+        if pos - start >= max_bytes:
+            pieces.append((seq, count, data[start:pos]))
+            seq += count
+            start, count = pos, 0
+    if count:
+        pieces.append((seq, count, data[start:pos]))
+    return pieces

@@ -28,6 +28,16 @@ _HEADER = fmt.ENTRY_HEADER_BYTES
 _crc32 = fmt.crc32
 _MAX = fmt.MAX_PAYLOAD_BYTES
 
+# The C fast path of scan() and decode_frames() (node/_scan.c), when it was built:
+# it passes good entries and stops before anything the Python code must judge.
+# WALREP_PURE_PYTHON=1 (read at import) or setting this to None forces pure Python.
+_scan_fast: Callable[..., tuple[int, int | None, int, int]] | None = None
+if os.environ.get("WALREP_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from ._scan import scan_entries as _scan_fast
+    except ImportError:
+        pass
+
 
 # An entry as stored: (sequence, timestamp in µs, payload). A plain tuple because
 # scans build millions of them and a named tuple costs twice as much to make;
@@ -145,7 +155,20 @@ def scan(
     skip_before = start_seq if (start_seq is not None and first_seq is not None) else 0
     view = memoryview(data)
     add = out.append if out is not None else None
+    fast = _scan_fast
+    if fast is not None and not (
+        type(data) is bytes
+        and (out is None or type(out) is list)
+        and all(v is None or type(v) is int for v in (first_seq, skip_before, stop_seq))
+    ):
+        fast = None  # what the C code does not take: the Python code does it all
     while pos < size:
+        if fast is not None:
+            # Good entries in C; whatever stopped it is judged below, one entry at a time.
+            pos, seq, passed, _status = fast(data, pos, seq, skip_before, stop_seq, out)
+            entries += passed
+            if pos >= size:
+                break
         if stop_seq is not None and seq is not None and seq > stop_seq:
             return ScanEnd(pos, seq, entries, None)
         if size - pos < _HEADER:
@@ -180,8 +203,9 @@ def scan(
             return _end(pos, seq, entries, problem, on_problem)
         if not skip_before or seq >= skip_before:
             if _crc32(view[pos + _HEADER : end]) != crc:
-                if is_tail and end == size:
-                    # The last entry of the newest file: a write the crash interrupted.
+                if is_tail and (end == size or fmt.is_all_zero(data, end)):
+                    # The last entry of the newest file (only zeros after it, as a crash
+                    # that extended the file leaves it): a write the crash interrupted.
                     problem = fmt.Problem(
                         "torn-tail", file, pos, seq, "last entry fails its CRC", size - pos
                     )
@@ -248,6 +272,7 @@ class WALReader:
         self.corrupted_entries = 0
         self.problems: list[fmt.Problem] = []
         self._on_problem = on_problem
+        self._cursor: tuple[Segment, int, int] | None = None  # read_frames' position
 
     def _report(self, problem: fmt.Problem) -> None:
         self.problems.append(problem)
@@ -357,48 +382,78 @@ class WALReader:
 
         Stops at to_seq, at a segment's end, or once max_bytes is reached (at least
         one entry is returned). Frames are verified: a damaged entry raises, so a
-        reader is never sent bytes that fail their CRC.
+        peer is never sent bytes that fail their CRC. Consecutive calls continue
+        from a remembered file offset instead of rescanning the segment.
         """
-        segments = self.segments()
-        index = _segment_index(segments, from_seq)
-        if index >= len(segments) or segments[index].first_seq > from_seq:
-            first, last = (segments[0].first_seq, None) if segments else (None, None)
-            raise RangeNotAvailable(from_seq, first, last)
-        segment = segments[index]
-        try:
-            data = read_file_bytes(segment.path)
-        except FileNotFoundError:
-            raise RangeNotAvailable(from_seq, None, None) from None
-        # Find the offset of from_seq by walking headers only.
-        pos = fmt.FILE_HEADER_BYTES
-        seq = segment.first_seq
-        size = len(data)
-        while seq < from_seq:
-            if size - pos < _HEADER:
-                raise RangeNotAvailable(from_seq, segments[0].first_seq, seq - 1)
-            (length,) = struct.unpack_from(">I", data, pos)
-            pos += _HEADER + length
-            seq += 1
-        start = pos
-        count = 0
-        while seq <= to_seq and pos < size and (count == 0 or pos - start < max_bytes):
-            if size - pos < _HEADER:
-                break
-            length, _timestamp, crc = _unpack_header(data, pos)
-            end = pos + _HEADER + length
-            if length > _MAX or end > size:
-                break  # not yet complete (or damaged): never served
-            if _crc32(data[pos + _HEADER : end]) != crc:
-                raise fmt.WALError(
-                    f"crc-mismatch in {segment.path} at offset {pos} (sequence {seq}): "
-                    "refusing to serve a damaged entry"
-                )
-            pos = end
-            seq += 1
-            count += 1
+        cursor = self._cursor
+        if cursor is None or cursor[1] != from_seq or not os.path.exists(cursor[0].path):
+            cursor = self._seek(from_seq)
+        segment, seq, offset = cursor
+        chunk_bytes = max(max_bytes, 64 * 1024)
+        with open(segment.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(chunk_bytes + _HEADER)
+            pos = 0
+            size = len(data)
+            count = 0
+            while seq <= to_seq and (count == 0 or pos < max_bytes):
+                if size - pos < _HEADER:
+                    if count:
+                        break
+                    data += f.read(_HEADER)
+                    size = len(data)
+                    if size - pos < _HEADER:
+                        break
+                length, _timestamp, crc = _unpack_header(data, pos)
+                end = pos + _HEADER + length
+                if length > _MAX:
+                    break
+                if end > size:
+                    if count:
+                        break
+                    data += f.read(end - size)  # one entry larger than the chunk
+                    size = len(data)
+                    if end > size:
+                        break  # not yet complete: never served
+                if _crc32(memoryview(data)[pos + _HEADER : end]) != crc:
+                    raise fmt.WALError(
+                        f"crc-mismatch in {segment.path} at offset {offset + pos} "
+                        f"(sequence {seq}): refusing to serve a damaged entry"
+                    )
+                pos = end
+                seq += 1
+                count += 1
         if count == 0:
-            raise RangeNotAvailable(from_seq, segments[0].first_seq, seq - 1)
-        return from_seq, count, data[start:pos]
+            # The segment holds nothing more: the next one must start exactly here.
+            following = [s for s in self.segments() if s.first_seq == seq]
+            if following and following[0].path != segment.path and seq <= to_seq:
+                self._cursor = (following[0], seq, fmt.FILE_HEADER_BYTES)
+                return self.read_frames(from_seq, to_seq, max_bytes=max_bytes)
+            first, last = self.bounds()
+            raise RangeNotAvailable(from_seq, first, last)
+        self._cursor = (segment, seq, offset + pos)
+        return from_seq, count, data[:pos]
+
+    def _seek(self, seq: int) -> tuple[Segment, int, int]:
+        """(segment, seq, byte offset) of seq, walking only the entry headers."""
+        segments = self.segments()
+        index = _segment_index(segments, seq)
+        if index >= len(segments) or segments[index].first_seq > seq:
+            first = segments[0].first_seq if segments else None
+            raise RangeNotAvailable(seq, first, None)
+        segment = segments[index]
+        current = segment.first_seq
+        offset = fmt.FILE_HEADER_BYTES
+        with open(segment.path, "rb") as f:
+            while current < seq:
+                f.seek(offset)
+                header = f.read(_HEADER)
+                if len(header) < _HEADER:
+                    raise RangeNotAvailable(seq, segments[0].first_seq, current - 1)
+                length = _unpack_header(header)[0]
+                offset += _HEADER + length
+                current += 1
+        return segment, seq, offset
 
     def digest(self, from_seq: int, to_seq: int) -> str:
         """A digest of entries from_seq..to_seq: equal on any node holding the same log."""
@@ -435,7 +490,12 @@ def decode_frames(data: bytes, first_seq: int) -> list[RawEntry]:
     pos = 0
     size = len(data)
     seq = first_seq
+    fast = _scan_fast if type(data) is bytes and type(first_seq) is int else None
     while pos < size:
+        if fast is not None:
+            pos, seq, _passed, _status = fast(data, pos, seq, 0, None, out)
+            if pos >= size:
+                break
         if size - pos < _HEADER:
             raise fmt.WALError(f"frames for sequence {seq}: partial header at byte {pos}")
         length, timestamp, crc = _unpack_header(data, pos)

@@ -168,12 +168,14 @@ class Writer:
         self._queued_entries = 0
         self._room_waiters = 0
         self._durable_waiters = 0
+        self._sync_requested = False
         self._closing = False
         self._failed: BaseException | None = None
 
         self._replication_hook: Callable[[ReplicationEntry], None] | None = None
         self._batch_hook: Callable[[list[ReplicationEntry]], None] | None = None
         self._commit_hook: Callable[[CommittedRun], None] | None = None
+        self._durable_hook: Callable[[int], None] | None = None
 
         self.total_entries = 0
         self.total_bytes = 0
@@ -289,6 +291,16 @@ class Writer:
         with self._lock:
             self._commit_hook = hook
 
+    def set_durable_hook(self, hook: Callable[[int], None] | None) -> None:
+        """Called from the writer thread with the new durable sequence after each sync."""
+        with self._lock:
+            self._durable_hook = hook
+
+    def request_sync(self) -> None:
+        """Ask for a sync now (async mode syncs on its interval otherwise)."""
+        self._sync_requested = True
+        self._wake.set()
+
     # --- appending -----------------------------------------------------------------
 
     def append(self, records: list[dict[str, Any]], **wait: Any) -> int:
@@ -364,7 +376,13 @@ class Writer:
         return first, last
 
     def append_replicated(
-        self, first_seq: int, data: bytes, *, timeout: float | None = None
+        self,
+        first_seq: int,
+        data: bytes,
+        *,
+        count: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
     ) -> int:
         """A reader's path: append frames received from the leader, byte for byte.
 
@@ -374,12 +392,16 @@ class Writer:
         entries = decode_frames(data, first_seq)
         if not entries:
             raise ValueError("no frames to append")
+        if count is not None and len(entries) != count:
+            raise fmt.WALError(
+                f"replicated run at {first_seq} declares {count} entries but holds {len(entries)}"
+            )
 
         def hook_entries(first: int) -> list[ReplicationEntry]:
             return [ReplicationEntry(*entry) for entry in entries]
 
         _first, last = self._append_frames(
-            [data], len(entries), hook_entries, wait=True, timeout=timeout, expect_first=first_seq
+            [data], len(entries), hook_entries, wait=wait, timeout=timeout, expect_first=first_seq
         )
         return last
 
@@ -567,6 +589,7 @@ class Writer:
             (self.sync_bytes and self._unsynced_bytes >= self.sync_bytes)
             or time.monotonic() - self._last_sync >= self.sync_interval_s
             or self._durable_waiters > 0  # someone waits: sync now, not at the interval
+            or self._sync_requested
         )
 
     def _write_group(self, chunks: list[bytes], count: int) -> None:
@@ -619,10 +642,17 @@ class Writer:
         self.last_sync_seconds = time.monotonic() - started
         self.total_syncs += 1
         self._unsynced_bytes = 0
+        self._sync_requested = False
         self._last_sync = time.monotonic()
         with self._progress:
             self._durable = self._written_next - 1
             self._progress.notify_all()
+        hook = self._durable_hook
+        if hook is not None:
+            try:
+                hook(self._durable)
+            except Exception:
+                log.exception("durable hook failed at sequence %d", self._durable)
 
     def _needs_rotation(self) -> bool:
         if self._active is None:

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import node  # noqa: E402
 from node import format as fmt  # noqa: E402
+from node import reader  # noqa: E402
 
 BATCH = 1000
 
@@ -136,6 +137,12 @@ def main() -> int:
             f"{r['what']:34} {r['mode']:10} {r['entries_per_s']:12,.0f} "
             f"{r['baseline']:>28} {r['baseline_entries_per_s']:12,.0f} {r['ratio']:6.2f}"
         )
+    if reader._scan_fast is not None:
+        from node import _scan
+
+        print(f"scan implementation: C extension node._scan (CRC-32: {_scan.CRC_IMPLEMENTATION})")
+    else:
+        print("scan implementation: pure Python (node._scan not built, or WALREP_PURE_PYTHON=1)")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(
