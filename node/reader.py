@@ -311,7 +311,10 @@ class WALReader:
             if to_seq is not None and segment.first_seq > to_seq:
                 return
             is_tail = index == len(segments) - 1
-            yield from self._read_one(segment.path, segment.first_seq, is_tail, from_seq, to_seq)
+            next_first = None if is_tail else segments[index + 1].first_seq
+            yield from self._read_one(
+                segment.path, segment.first_seq, is_tail, from_seq, to_seq, next_first
+            )
 
     def all_raw_entries(self) -> Iterator[RawEntry]:
         """Every good entry of every WAL file, seed-named ones included."""
@@ -328,7 +331,9 @@ class WALReader:
         for raw in self.all_raw_entries():
             yield Entry(*raw)
 
-    def _read_one(self, path, first_seq, is_tail, from_seq, to_seq) -> Iterator[RawEntry]:
+    def _read_one(
+        self, path, first_seq, is_tail, from_seq, to_seq, next_first=None
+    ) -> Iterator[RawEntry]:
         try:
             data = read_file_bytes(path)
         except FileNotFoundError:
@@ -344,7 +349,14 @@ class WALReader:
             self._report(fmt.Problem("bad-header", path, 0, first_seq, header_problem, len(data)))
             return
         found: list[RawEntry] = []
-        scan(
+        damaged: list[fmt.Problem] = []
+
+        def report(problem: fmt.Problem) -> None:
+            if problem.kind == "crc-mismatch":
+                damaged.append(problem)
+            self._report(problem)
+
+        end = scan(
             data,
             path,
             first_seq,
@@ -352,11 +364,55 @@ class WALReader:
             stop_seq=to_seq if first_seq is not None else None,
             is_tail=is_tail,
             out=found,
-            on_problem=self._report,
+            on_problem=report,
         )
+        if first_seq is not None:
+            found = self._check_placement(path, data, first_seq, next_first, end, damaged, found)
         self.total_entries += len(found)
         self.total_bytes += sum(len(e[2]) for e in found)
         yield from found
+
+    def _check_placement(self, path, data, first_seq, next_first, end, damaged, found):
+        """Keep only entries whose sequence is certain.
+
+        ARCW frames carry no sequence and the CRC covers only the payload, so a
+        damaged length can swallow the next entry and shift every later one. An
+        entry failing its CRC is therefore trusted to have had the right length
+        only when the segment's entry count matches the next segment's name;
+        otherwise the entries after it are reported and withheld.
+        """
+        whole_file = end.problem is None and end.valid_end == len(data)
+        expected = None if next_first is None else next_first - first_seq
+        count_confirmed = whole_file and expected is not None and end.entries == expected
+        if damaged and not count_confirmed:
+            first_bad = damaged[0]
+            withheld = sum(1 for e in found if e[0] > first_bad.sequence)
+            self._report(
+                fmt.Problem(
+                    "unplaceable",
+                    path,
+                    first_bad.offset,
+                    first_bad.sequence,
+                    "the entry that failed its CRC may also have a damaged length, so the "
+                    f"sequences of the {withheld} entries after it in this file are uncertain; "
+                    "they are not returned",
+                    len(data) - first_bad.offset,
+                )
+            )
+            return [e for e in found if e[0] < first_bad.sequence]
+        if whole_file and expected is not None and end.entries != expected:
+            self._report(
+                fmt.Problem(
+                    "count-mismatch",
+                    path,
+                    end.valid_end,
+                    first_seq + end.entries,
+                    f"the segment holds {end.entries} entries but the next segment starts at "
+                    f"{next_first}: sequences {first_seq + end.entries}..{next_first - 1} "
+                    "are missing",
+                )
+            )
+        return found
 
     # --- replication helpers -----------------------------------------------------
 

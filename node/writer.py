@@ -222,7 +222,19 @@ class Writer:
                 self._attach(newest, fmt.FILE_HEADER_BYTES, 0)
                 return newest.first_seq
             raise fmt.WALError(f"cannot open the newest segment {newest.path}: {header_problem}")
-        end = scan(data, newest.path, newest.first_seq, is_tail=True)
+        problems: list[fmt.Problem] = []
+        end = scan(data, newest.path, newest.first_seq, is_tail=True, on_problem=problems.append)
+        damage = [p for p in problems if p.kind != "torn-tail"]
+        if damage:
+            # Past a bad CRC or length the entry boundaries are uncertain, so the next
+            # sequence is too: refuse rather than risk reusing one.
+            raise fmt.WALError(
+                f"the newest segment is damaged, so the next sequence is uncertain: {damage[0]}. "
+                "Entries before that offset are intact (walrep dump shows them). A reader node "
+                "can be restarted with --resync; for a leader, keep a copy of the file and "
+                f"truncate it to {damage[0].offset} bytes to continue from sequence "
+                f"{damage[0].sequence}."
+            )
         if end.problem is not None:
             self._cut_tail(newest.path, data, end.valid_end, end.problem)
         self._attach(newest, end.valid_end, end.entries)

@@ -1,10 +1,10 @@
 """Property tests: random logs round-trip; random damage never yields wrong bytes.
 
 Damage model. Truncations anywhere, and byte flips in file headers, timestamps,
-CRCs and payloads, and in the high bytes of length fields (which make a length
-that cannot be right). Flips in the low bytes of a length field are left out on
-purpose: a length damaged into another plausible value moves frame boundaries,
-which ARCW v1 cannot detect (test_reader.py pins that known gap with strict xfails).
+CRCs and payloads, in the high bytes of length fields (which make a length that
+cannot be right) and in their low bytes (a plausible length that moves frame
+boundaries: the entry then fails its CRC, and the reader must not return later
+entries of that file under shifted sequences).
 
 ARCW v1's CRC covers the payload only, so a flipped timestamp is undetectable:
 payloads are compared always, timestamps only where no flip touched them.
@@ -146,7 +146,7 @@ FIXED_SIZES = [0, 1, 48, 112, 240]
 
 damages = st.lists(
     st.tuples(
-        st.sampled_from(["flip", "flip", "flip-length-high", "truncate"]),
+        st.sampled_from(["flip", "flip", "flip-length-high", "flip-length-low", "truncate"]),
         st.integers(min_value=0, max_value=10**6),  # which segment (modulo)
         st.integers(min_value=0, max_value=10**6),  # where in it (modulo)
         st.integers(min_value=1, max_value=255),  # xor mask
@@ -199,12 +199,14 @@ def test_damage_never_returns_other_bytes_at_a_sequence(tmp_path, items, max_siz
             if kind == "truncate":
                 truncations.append((path, where % len(data)))
                 continue
-            if kind == "flip-length-high":
+            if kind in ("flip-length-high", "flip-length-low"):
                 if not frames:
                     continue
                 frame = frames[where % len(frames)]
-                # +16 MiB or +64 KiB: past the end of any file this test writes.
-                offset = frame.offset + (where // len(frames)) % 2
+                # High bytes: +16 MiB or +64 KiB, past the end of any file this test
+                # writes. Low bytes: another length that may well fit.
+                low = 2 if kind == "flip-length-low" else 0
+                offset = frame.offset + low + (where // len(frames)) % 2
             else:
                 length_fields = {f.offset + i for f in frames for i in range(4)}
                 allowed = [i for i in range(len(data)) if i not in length_fields]

@@ -1,0 +1,193 @@
+"""Leader and readers as real processes on loopback: the log ends identical everywhere.
+
+Every process is started through cluster.procs (remembered by pid, stopped by pid)
+and every wait is a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+import node
+from cluster.procs import LocalCluster, wait_for, walrep_command
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def digest_all(proc, head: int) -> str:
+    return node.WALReader(proc.wal_dir).digest(1, head)
+
+
+def assert_identical(cluster: LocalCluster, readers=None) -> int:
+    head = cluster.wait_converged(readers, timeout=90)
+    leader_digest = digest_all(cluster.leader, head)
+    for reader in readers or cluster.reader_nodes:
+        assert digest_all(reader, head) == leader_digest, reader.name
+    return head
+
+
+def load(cluster: LocalCluster, count: int, *extra: str) -> subprocess.CompletedProcess:
+    result = cluster.load(count, *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def wait_started(proc, marker: str) -> None:
+    wait_for(lambda: marker in proc.log_text(), 30, f"{proc.name} to log {marker}")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(str(tmp_path / "cluster"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_100k_entries_reach_both_readers_byte_identical(cluster):
+    cluster.start()
+    wait_started(cluster.leader, "leader-started")
+    load(cluster, 100_000, "--batch", "500")
+    head = assert_identical(cluster)
+    assert head == 100_000
+    # Same sequences and bytes, entry by entry, at a sample of places.
+    leader_entries = list(node.WALReader(cluster.leader.wal_dir).raw_entries(99_990))
+    for reader in cluster.reader_nodes:
+        assert list(node.WALReader(reader.wal_dir).raw_entries(99_990)) == leader_entries
+
+
+def test_reader_killed_mid_stream_catches_up(cluster):
+    cluster.start()
+    wait_started(cluster.leader, "leader-started")
+    victim = cluster.reader_nodes[1]
+    load(cluster, 20_000)
+    wait_for(lambda: victim.last_seq() > 0, 30, "the victim to receive entries")
+    victim.kill()
+    load(cluster, 30_000)
+    assert victim.last_seq() < cluster.leader.last_seq()
+    victim.start()
+    head = assert_identical(cluster)
+    assert head == 50_000
+    seqs = [seq for seq, _, _ in node.WALReader(victim.wal_dir).raw_entries()]
+    assert seqs == list(range(1, head + 1))  # no duplicates, no gaps
+
+
+def test_reader_started_after_50k_entries(tmp_path):
+    cluster = LocalCluster(str(tmp_path / "c"), readers=1)
+    late = cluster.make_reader("late-reader")
+    try:
+        cluster.start()
+        wait_started(cluster.leader, "leader-started")
+        load(cluster, 50_000)
+        late.start()
+        load(cluster, 5_000)
+        assert_identical(cluster, [*cluster.reader_nodes, late])
+        assert late.last_seq() == 55_000
+    finally:
+        late.stop()
+        cluster.stop()
+
+
+def test_tiny_receive_hwm_forces_drops_yet_ends_identical(tmp_path):
+    cluster = LocalCluster(str(tmp_path / "c"), readers=2, reader_extra=["--receive-hwm", "1"])
+    try:
+        cluster.start()
+        wait_started(cluster.leader, "leader-started")
+        load(cluster, 60_000, "--ack", "none", "--batch", "50")
+        assert_identical(cluster)
+        gaps = sum(r.log_text().count(" gap ") for r in cluster.reader_nodes)
+        assert gaps > 0, "the tiny HWM was meant to force gaps and fetches"
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("how", ["clean", "sigkill"])
+def test_leader_restart_readers_resume(cluster, how):
+    cluster.start()
+    wait_started(cluster.leader, "leader-started")
+    load(cluster, 20_000)
+    cluster.wait_converged(timeout=60)
+    if how == "clean":
+        assert cluster.leader.stop() == 0
+    else:
+        cluster.leader.kill()
+    cluster.leader.start()
+    wait_for(lambda: cluster.leader.log_text().count("leader-started") == 2, 30, "leader restart")
+    load(cluster, 20_000)
+    head = assert_identical(cluster)
+    assert head == 40_000  # the sequence continued
+    for reader in cluster.reader_nodes:
+        seqs = [seq for seq, _, _ in node.WALReader(reader.wal_dir).raw_entries()]
+        assert seqs == list(range(1, head + 1))
+
+
+def test_reader_of_another_log_refuses_and_keeps_its_log(tmp_path):
+    first = LocalCluster(str(tmp_path / "a"), readers=1)
+    try:
+        first.start()
+        wait_started(first.leader, "leader-started")
+        load(first, 1_000)
+        first.wait_converged(timeout=60)
+    finally:
+        first.stop()
+    reader_dir = first.reader_nodes[0].wal_dir
+    before = node.WALReader(reader_dir).digest(1, 1_000)
+    other = LocalCluster(str(tmp_path / "b"), readers=0)
+    try:
+        other.start()
+        wait_started(other.leader, "leader-started")
+        load(other, 10)
+        result = subprocess.run(
+            walrep_command(
+                "reader",
+                "--wal-dir",
+                reader_dir,
+                "--id",
+                "reader-1",
+                "--leader-publish",
+                other.publish,
+                "--leader-control",
+                other.control,
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        other.stop()
+    assert result.returncode == 2
+    assert "log-mismatch" in result.stderr
+    assert "different histories" in result.stderr
+    assert node.WALReader(reader_dir).digest(1, 1_000) == before
+
+
+def test_append_prints_sequence_and_gives_up_on_unreachable_leader(cluster, tmp_path):
+    cluster.start()
+    wait_started(cluster.leader, "leader-started")
+    out = subprocess.run(
+        walrep_command("append", "--ingest", cluster.ingest, '{"m": 1}'),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 1
+    dumped = subprocess.run(
+        walrep_command("dump", cluster.leader.wal_dir, "--json"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert json.loads(dumped.stdout.splitlines()[0])["records"] == [{"m": 1}]
+    dead = subprocess.run(
+        walrep_command("append", "--ingest", "tcp://127.0.0.1:1", "--timeout", "1", '{"m": 1}'),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert dead.returncode == 1
+    assert "tcp://127.0.0.1:1" in dead.stderr
