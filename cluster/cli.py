@@ -17,6 +17,8 @@ from typing import Any
 import node
 from node import format as fmt
 
+from . import config as configmod
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_DAMAGED = 3
@@ -102,6 +104,84 @@ class _Parser(argparse.ArgumentParser):
         self.exit(self.usage_exit_status, f"{self.prog}: error: {message}\n")
 
 
+def _config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config; flags override its keys")
+    defaults = cls()
+    for key in configmod.key_names(cls):
+        flag = "--" + key.replace("_", "-")
+        default = getattr(defaults, key)
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=key, action="store_const", const=True, default=None)
+        else:
+            parser.add_argument(
+                flag, dest=key, type=type(default), default=None, metavar=key.upper()
+            )
+
+
+def _load_config(cls, args: argparse.Namespace):
+    overrides = {key: getattr(args, key) for key in configmod.key_names(cls)}
+    return configmod.load(cls, args.config, overrides)
+
+
+def cmd_leader(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import logs
+    from .leader import run_leader
+
+    config = _load_config(configmod.LeaderConfig, args)
+    logs.setup(config.log_level, config.log_json)
+    return trio.run(run_leader, config)
+
+
+def cmd_reader(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import logs
+    from .reader import run_reader
+
+    config = _load_config(configmod.ReaderConfig, args)
+    logs.setup(config.log_level, config.log_json)
+    return trio.run(run_reader, config)
+
+
+def cmd_append(args: argparse.Namespace) -> int:
+    import trio
+
+    from .client import ClientError, open_client
+
+    try:
+        records = json.loads(args.json)
+    except ValueError as exc:
+        print(f"walrep append: the argument is not JSON: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        print("walrep append: give one JSON object or a list of objects", file=sys.stderr)
+        return EXIT_ERROR
+
+    async def run() -> int:
+        async with open_client(args.ingest, timeout=args.timeout, ack=args.ack) as client:
+            return await client.append_records(records, database=args.database)
+
+    try:
+        seq = trio.run(run)
+    except (ClientError, fmt.WALError) as exc:
+        print(f"walrep append: {args.ingest}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(seq)
+    return EXIT_OK
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    import trio
+
+    from .loadgen import run_load
+
+    return trio.run(run_load, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="walrep", description="A replicated write-ahead log.")
     sub = parser.add_subparsers(
@@ -114,6 +194,46 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--to-seq", type=_positive_int, default=None, metavar="M")
     dump.add_argument("--json", action="store_true", help="one JSON object per line")
     dump.set_defaults(func=cmd_dump)
+
+    leader = sub.add_parser("leader", help="run a leader node")
+    _config_flags(leader, configmod.LeaderConfig)
+    leader.set_defaults(func=cmd_leader)
+
+    reader = sub.add_parser("reader", help="run a reader node")
+    _config_flags(reader, configmod.ReaderConfig)
+    reader.set_defaults(func=cmd_reader)
+
+    append = sub.add_parser("append", help="append one row-format entry and print its sequence")
+    append.add_argument(
+        "--ingest", required=True, metavar="EP", help="the leader's ingest endpoint"
+    )
+    append.add_argument("--database", default=None, help="wrap the entry in a database envelope")
+    append.add_argument(
+        "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
+    )
+    append.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    append.add_argument("json", help="one JSON object, or a list of them")
+    append.set_defaults(func=cmd_append)
+
+    load = sub.add_parser("load", help="generate load against a leader")
+    load.add_argument("--ingest", required=True, metavar="EP")
+    load.add_argument("--count", type=_positive_int, required=True, metavar="N")
+    load.add_argument("--size", type=_positive_int, default=100, metavar="BYTES")
+    load.add_argument("--batch", type=_positive_int, default=100, metavar="K")
+    load.add_argument("--rate", type=float, default=None, metavar="R", help="entries/s")
+    load.add_argument(
+        "--inflight",
+        type=_positive_int,
+        default=16,
+        metavar="M",
+        help="requests in flight at once (default 16)",
+    )
+    load.add_argument(
+        "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
+    )
+    load.add_argument("--timeout", type=float, default=10.0)
+    load.add_argument("--log", default=None, metavar="FILE", help="one JSON line per entry")
+    load.set_defaults(func=cmd_load)
     return parser
 
 
@@ -132,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except configmod.ConfigError as exc:
+        print(f"walrep {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -160,13 +160,7 @@ class ReaderProtocol:
         if welcome.hello_id is not None and welcome.hello_id < self._handshake_from:
             return [Note("stale-welcome", {"boot_id": welcome.boot_id, "head": welcome.head_seq})]
         if self.log_id is not None and welcome.log_id != self.log_id:
-            return self._fail(
-                "log-mismatch",
-                f"the leader's log is {welcome.log_id} but this reader holds log {self.log_id}: "
-                "they are different histories (was the leader's WAL directory wiped?). "
-                "Point the reader at the right leader, or resync it with --resync, "
-                "which discards this reader's log.",
-            )
+            return self._fail_log_mismatch(welcome.log_id)
         if self.applied > welcome.head_seq:
             return self._fail(
                 "reader-ahead",
@@ -217,7 +211,20 @@ class ReaderProtocol:
                 return self._fail_too_old(refused.earliest_seq or 0)
             self.fetch = None
             return [Note("fetch-refused", {"code": refused.code, "reason": refused.message})]
+        if refused.code == "log-mismatch":
+            return self._fail_log_mismatch(None, refused.message)
         return self._fail(refused.code, f"the leader refused: {refused.message}")
+
+    def _fail_log_mismatch(self, leader_log: str | None, detail: str = "") -> list[Action]:
+        leader = f"the leader's log is {leader_log}" if leader_log else "the leader refused"
+        context = f" ({detail})" if detail else ""
+        return self._fail(
+            "log-mismatch",
+            f"{leader} but this reader holds log {self.log_id}{context}: they are different "
+            "histories (was the leader's WAL directory wiped?). "
+            "The reader's log is left untouched. Point the reader at the right leader, or "
+            "resync it with --resync, which discards this reader's log.",
+        )
 
     def _fail_too_old(self, earliest: int) -> list[Action]:
         return self._fail(

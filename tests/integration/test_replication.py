@@ -93,7 +93,12 @@ def test_reader_started_after_50k_entries(tmp_path):
 
 
 def test_tiny_receive_hwm_forces_drops_yet_ends_identical(tmp_path):
-    cluster = LocalCluster(str(tmp_path / "c"), readers=2, reader_extra=["--receive-hwm", "1"])
+    cluster = LocalCluster(
+        str(tmp_path / "c"),
+        readers=2,
+        leader_extra=["--publish-hwm", "2"],
+        reader_extra=["--receive-hwm", "1"],
+    )
     try:
         cluster.start()
         wait_started(cluster.leader, "leader-started")

@@ -1,0 +1,156 @@
+"""Node configuration: TOML files, command-line overrides, and the checks on both.
+
+Every key can be set in the file or as a flag (``wal_dir`` <-> ``--wal-dir``);
+flags win. Unknown keys, wrong types and impossible combinations are errors
+that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from node.writer import SyncMode
+
+ACK_LEVELS_HELP = "none, local, or replicas=N"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the text names the key and where it came from."""
+
+
+@dataclass
+class LeaderConfig:
+    wal_dir: str = ""
+    ingest: str = "tcp://127.0.0.1:7100"
+    publish: str = "tcp://127.0.0.1:7101"
+    control: str = "tcp://127.0.0.1:7102"
+    sync_mode: str = "fdatasync"
+    default_ack: str = "local"
+    # Messages queued per subscriber before PUB drops (readers then fetch the gap).
+    publish_hwm: int = 1000
+    buffer_entries: int = 100_000
+    max_segment_bytes: int = 64 * 1024 * 1024
+    log_json: bool = False
+    log_level: str = "info"
+    source: str = field(default="(flags)", repr=False)
+
+
+@dataclass
+class ReaderConfig:
+    wal_dir: str = ""
+    id: str = ""
+    leader_publish: str = "tcp://127.0.0.1:7101"
+    leader_control: str = "tcp://127.0.0.1:7102"
+    sync_mode: str = "fdatasync"
+    buffer_entries: int = 100_000
+    max_segment_bytes: int = 64 * 1024 * 1024
+    receive_hwm: int = 10_000  # messages the SUB socket queues before it drops
+    resync: bool = False
+    log_json: bool = False
+    log_level: str = "info"
+    source: str = field(default="(flags)", repr=False)
+
+
+def key_names(cls) -> list[str]:
+    return [f.name for f in fields(cls) if f.name != "source"]
+
+
+def load(cls, path: str | None, overrides: dict[str, Any]):
+    """Build a config from a TOML file (optional) and flag overrides, then check it."""
+    values: dict[str, Any] = {}
+    source = "(flags)"
+    if path is not None:
+        source = path
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = cls(source=source)
+    for key, value in values.items():
+        expected = type(getattr(config, key))
+        if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(
+                f"{source}: key {key!r} must be {expected.__name__}, got {type(value).__name__} "
+                f"({value!r})"
+            )
+        setattr(config, key, value)
+    check(config)
+    return config
+
+
+def check(config) -> None:
+    where = config.source
+
+    def fail(key: str, why: str):
+        raise ConfigError(f"{where}: key {key!r}: {why}")
+
+    if not config.wal_dir:
+        fail("wal_dir", "is required")
+    try:
+        SyncMode(config.sync_mode)
+    except ValueError:
+        fail("sync_mode", f"{config.sync_mode!r} is not one of fsync, fdatasync, async")
+    if config.buffer_entries < 1:
+        fail("buffer_entries", "must be at least 1")
+    if config.max_segment_bytes < 4096:
+        fail("max_segment_bytes", "must be at least 4096")
+    if isinstance(config, LeaderConfig):
+        endpoints = {"ingest": config.ingest, "publish": config.publish, "control": config.control}
+        if config.publish_hwm < 0:
+            fail("publish_hwm", "must be 0 (no limit) or more")
+        try:
+            parse_ack(config.default_ack)
+        except ValueError as exc:
+            fail("default_ack", str(exc))
+    else:
+        if not config.id:
+            fail("id", "every reader needs an id, unique in its cluster")
+        endpoints = {
+            "leader_publish": config.leader_publish,
+            "leader_control": config.leader_control,
+        }
+        if config.receive_hwm < 0:
+            fail("receive_hwm", "must be 0 (no limit) or more")
+    seen: dict[tuple[str, int], str] = {}
+    for key, endpoint in endpoints.items():
+        host, port = endpoint_address(endpoint, key, where)
+        if (host, port) in seen:
+            fail(key, f"uses the same address as {seen[(host, port)]!r} ({endpoint})")
+        seen[(host, port)] = key
+
+
+def endpoint_address(endpoint: str, key: str, where: str) -> tuple[str, int]:
+    parts = urlsplit(endpoint)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ConfigError(
+            f"{where}: key {key!r}: {endpoint!r} is not a ZeroMQ tcp endpoint like "
+            "tcp://127.0.0.1:7101"
+        )
+    return parts.hostname, parts.port
+
+
+def parse_ack(text: str) -> int | None:
+    """Ack level as a number of replicas: none -> None, local -> 0, replicas=N -> N."""
+    if text == "none":
+        return None
+    if text == "local":
+        return 0
+    if text.startswith("replicas="):
+        try:
+            n = int(text.removeprefix("replicas="))
+        except ValueError:
+            n = -1
+        if n >= 1:
+            return n
+    raise ValueError(f"ack level {text!r} is not one of {ACK_LEVELS_HELP}")

@@ -1,0 +1,358 @@
+"""The leader service: ingest from clients, publish committed runs, serve fetches.
+
+Shell only: decisions live in protocol.LeaderProtocol, bytes move through the
+zmqtrio adapter, entries go through node.Writer. The writer's background thread
+reports commits and syncs; they cross into trio with run_sync_soon, so nothing
+here ever blocks the trio loop on a disk write.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+
+import trio
+
+import node
+from node import format as fmt
+from node.meta import load_meta, new_log_id, update_meta
+
+from . import protocol, wire, zmqtrio
+from .config import LeaderConfig, parse_ack
+from .logs import event
+
+log = logging.getLogger("walrep.leader")
+
+# A request waiting for its ack level is dropped after this long: the client
+# has long since reported "unknown", and the leader must not hoard waiters.
+WAITER_TTL_S = 300.0
+# A fetch whose reader grants no credit for this long is abandoned.
+FETCH_IDLE_S = 30.0
+
+
+@dataclass
+class _Waiter:
+    peer: bytes
+    request_id: int
+    first_seq: int
+    last_seq: int
+    replicas: int  # 0: durable on the leader; N: and on N readers
+    since: float
+
+
+class Leader:
+    def __init__(self, config: LeaderConfig):
+        self.config = config
+        self.writer = node.Writer(
+            config.wal_dir,
+            sync_mode=config.sync_mode,
+            buffer_entries=config.buffer_entries,
+            max_size_bytes=config.max_segment_bytes,
+        )
+        meta = load_meta(config.wal_dir)
+        log_id = meta.get("log_id")
+        if not isinstance(log_id, str):
+            log_id = new_log_id()
+            update_meta(config.wal_dir, log_id=log_id, role="leader")
+            event(log, "new-log", log_id=log_id, wal_dir=config.wal_dir)
+        head = self.writer.committed_sequence()
+        first, _last = node.WALReader(config.wal_dir).bounds()
+        self.protocol = protocol.LeaderProtocol(
+            log_id, secrets.token_hex(8), head, first if first is not None else head + 1
+        )
+        self.default_ack = config.default_ack
+        self.waiters: list[_Waiter] = []
+        self.flows: dict[tuple[bytes, int], tuple[protocol.FetchFlow, trio.Event]] = {}
+        self.durable = self.writer.durable_sequence()
+        self.endpoints: dict[str, str] = {}
+        self.rejected_messages = 0
+
+    # --- running ---------------------------------------------------------------------
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        token = trio.lowlevel.current_trio_token()
+        commits_in, commits_out = trio.open_memory_channel(math.inf)
+        durable_in, durable_out = trio.open_memory_channel(math.inf)
+
+        def from_thread(channel, value):
+            try:
+                token.run_sync_soon(channel.send_nowait, value)
+            except trio.RunFinishedError:
+                pass  # shutting down; the reopened writer rescans the files
+
+        self.writer.set_commit_hook(lambda run: from_thread(commits_in, run))
+        self.writer.set_durable_hook(lambda seq: from_thread(durable_in, seq))
+        ctx = zmqtrio.new_context()
+        self.pub = zmqtrio.make_socket(ctx, zmqtrio.PUB, hwm=self.config.publish_hwm)
+        self.control = zmqtrio.make_socket(
+            ctx, zmqtrio.ROUTER, options={zmqtrio.ROUTER_MANDATORY: 0}
+        )
+        self.ingest = zmqtrio.make_socket(ctx, zmqtrio.ROUTER)
+        self.control_send_lock = trio.Lock()
+        self.ingest_send_lock = trio.Lock()
+        try:
+            self.endpoints["publish"] = self.pub.bind(self.config.publish)
+            self.endpoints["control"] = self.control.bind(self.config.control)
+            self.endpoints["ingest"] = self.ingest.bind(self.config.ingest)
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._publish_loop, commits_out)
+                nursery.start_soon(self._durable_loop, durable_out)
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._control_loop)
+                nursery.start_soon(self._ingest_loop)
+                event(
+                    log,
+                    "leader-started",
+                    log_id=self.protocol.log_id,
+                    head=self.protocol.head,
+                    earliest=self.protocol.earliest,
+                    **self.endpoints,
+                )
+                task_status.started(self)
+        finally:
+            self.writer.set_commit_hook(None)
+            self.writer.set_durable_hook(None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.writer.close)
+            for sock in (self.pub, self.control, self.ingest):
+                sock.close()
+            ctx.term()
+            event(log, "leader-stopped", head=self.writer.committed_sequence())
+
+    # --- publishing ------------------------------------------------------------------
+
+    async def _publish_loop(self, commits: trio.MemoryReceiveChannel) -> None:
+        log_id = self.protocol.log_id
+        async for run in commits:
+            pieces = [run]
+            # Coalesce whatever else is already committed into as few messages as fit.
+            while True:
+                try:
+                    pieces.append(commits.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            first = pieces[0].first_seq
+            data = pieces[0].data if len(pieces) == 1 else b"".join(p.data for p in pieces)
+            last = pieces[-1].last_seq
+            self.protocol.on_commit(last)
+            for piece_first, count, frames in fmt.split_frames(
+                data, first, wire.TARGET_BATCH_BYTES
+            ):
+                await self.pub.send(wire.encode(wire.Batch(log_id, piece_first, count, frames)))
+            if self.writer.sync_mode is not node.SyncMode.ASYNC:
+                self.durable = max(self.durable, last)
+            await self._resolve_waiters()
+
+    async def _durable_loop(self, durables: trio.MemoryReceiveChannel) -> None:
+        async for seq in durables:
+            self.durable = max(self.durable, seq)
+            await self._resolve_waiters()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            first, _ = _first_segment_seq(self.writer)
+            if first is not None:
+                self.protocol.on_purge(first)
+            beat = self.protocol.heartbeat(time.time_ns() // 1000)
+            await self.pub.send(wire.encode(beat))
+            self._expire_waiters()
+            await trio.sleep(protocol.HEARTBEAT_INTERVAL_S)
+
+    # --- control: handshakes, fetches, acks, status ---------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            frames = await self.control.recv_multipart()
+            if len(frames) != 2:
+                self._reject(frames[0] if frames else b"", "expected [identity, message]")
+                continue
+            peer, data = frames
+            try:
+                message = wire.decode(data)
+            except wire.BadMessage as exc:
+                self._reject(peer, str(exc))
+                await self._send_control(peer, wire.Refused("bad-request", str(exc)))
+                continue
+            if isinstance(message, wire.Credit):
+                entry = self.flows.get((peer, message.fetch_id))
+                if entry is not None:
+                    entry[0].add_credit(message.credit)
+                    entry[1].set()
+                continue
+            actions = self.protocol.on_control(peer, message, time.monotonic())
+            await self._run_actions(actions)
+            if isinstance(message, wire.Fetch) and not actions:
+                self.nursery.start_soon(self._serve_fetch, peer, message)
+            if isinstance(message, wire.Ack):
+                await self._resolve_waiters()
+
+    async def _run_actions(self, actions) -> None:
+        for action in actions:
+            if isinstance(action, protocol.Send):
+                await self._send_control(action.peer, action.message)
+            elif isinstance(action, protocol.Note):
+                event(log, action.event, **action.fields)
+
+    async def _send_control(self, peer: bytes, message: wire.Message) -> None:
+        async with self.control_send_lock:
+            await self.control.send_multipart([peer, wire.encode(message)])
+
+    def _reject(self, peer: bytes, why: str) -> None:
+        self.rejected_messages += 1
+        event(log, "bad-message", logging.WARNING, peer=peer.hex(), reason=why)
+
+    async def _serve_fetch(self, peer: bytes, request: wire.Fetch) -> None:
+        """Stream a fetch from the WAL files, a chunk per credit, off the trio thread."""
+        to_seq = min(request.to_seq, self.protocol.head)
+        flow = protocol.FetchFlow(request.fetch_id, request.from_seq, to_seq, request.credit)
+        key = (peer, request.fetch_id)
+        reader = node.WALReader(self.config.wal_dir)
+        try:
+            while not flow.done:
+                while not flow.can_send():
+                    wake = trio.Event()
+                    self.flows[key] = (flow, wake)
+                    with trio.move_on_after(FETCH_IDLE_S) as idle:
+                        await wake.wait()
+                    if idle.cancelled_caught:
+                        event(log, "fetch-abandoned", peer=peer.hex(), at=flow.next_seq)
+                        return
+                self.flows[key] = (flow, trio.Event())
+                try:
+                    first, count, frames = await trio.to_thread.run_sync(
+                        functools.partial(
+                            reader.read_frames,
+                            flow.next_seq,
+                            flow.to_seq,
+                            max_bytes=wire.TARGET_BATCH_BYTES,
+                        )
+                    )
+                except node.RangeNotAvailable:
+                    earliest = self.protocol.earliest
+                    await self._send_control(
+                        peer,
+                        wire.Refused(
+                            "too-old",
+                            f"sequence {flow.next_seq} is no longer held; earliest is {earliest}",
+                            request_id=request.fetch_id,
+                            earliest_seq=earliest,
+                        ),
+                    )
+                    return
+                except node.WALError as exc:
+                    # A damaged entry is never served; the reader is told, the leader lives.
+                    event(log, "fetch-failed", logging.ERROR, peer=peer.hex(), reason=str(exc))
+                    await self._send_control(
+                        peer,
+                        wire.Refused("unavailable", str(exc), request_id=request.fetch_id),
+                    )
+                    return
+                await self._send_control(peer, flow.chunk(first, count, frames))
+        finally:
+            self.flows.pop(key, None)
+
+    # --- ingest ------------------------------------------------------------------------
+
+    async def _ingest_loop(self) -> None:
+        while True:
+            frames = await self.ingest.recv_multipart()
+            if len(frames) != 2:
+                self._reject(frames[0] if frames else b"", "expected [identity, message]")
+                continue
+            peer, data = frames
+            try:
+                message = wire.decode(data)
+                if not isinstance(message, wire.Append):
+                    raise wire.BadMessage(f"{message.KIND} is not an ingest request")
+                replicas = parse_ack(message.ack or self.default_ack)
+            except (wire.BadMessage, ValueError) as exc:
+                self._reject(peer, str(exc))
+                await self._reply(peer, wire.Refused("bad-request", str(exc)))
+                continue
+            await self._append(peer, message, replicas)
+
+    async def _append(self, peer: bytes, request: wire.Append, replicas: int | None) -> None:
+        for payload in request.payloads:
+            if len(payload) > fmt.MAX_PAYLOAD_BYTES:
+                refusal = wire.Refused(
+                    "too-large",
+                    f"payload of {len(payload)} bytes exceeds {fmt.MAX_PAYLOAD_BYTES}",
+                    request_id=request.request_id,
+                )
+                await self._reply(peer, refusal)
+                return
+        while True:
+            try:
+                first, last = self.writer.append_batch_nowait(request.payloads)
+                break
+            except node.WALDropped:
+                # Back-pressure: the queue is full. Wait here, so every client waits,
+                # rather than drop anything.
+                await trio.sleep(0.001)
+            except (node.WALClosed, node.WALFailed) as exc:
+                await self._reply(
+                    peer, wire.Refused("unavailable", str(exc), request_id=request.request_id)
+                )
+                return
+        if replicas is None:
+            await self._reply(peer, wire.Appended(request.request_id, first, last))
+            return
+        self.waiters.append(
+            _Waiter(peer, request.request_id, first, last, replicas, time.monotonic())
+        )
+        if self.writer.sync_mode is node.SyncMode.ASYNC:
+            self.writer.request_sync()
+
+    async def _resolve_waiters(self) -> None:
+        if not self.waiters:
+            return
+        durable_readers = sorted(
+            (r.durable_seq for r in self.protocol.readers.values()), reverse=True
+        )
+        ready: list[_Waiter] = []
+        still: list[_Waiter] = []
+        for waiter in self.waiters:
+            ok = self.durable >= waiter.last_seq
+            if ok and waiter.replicas:
+                ok = (
+                    len(durable_readers) >= waiter.replicas
+                    and durable_readers[waiter.replicas - 1] >= waiter.last_seq
+                )
+            (ready if ok else still).append(waiter)
+        # Settle the list before the first await: appends made while we send must stay.
+        self.waiters = still
+        for waiter in ready:
+            reply = wire.Appended(waiter.request_id, waiter.first_seq, waiter.last_seq)
+            await self._reply(waiter.peer, reply)
+
+    def _expire_waiters(self) -> None:
+        cutoff = time.monotonic() - WAITER_TTL_S
+        self.waiters = [w for w in self.waiters if w.since >= cutoff]
+
+    async def _reply(self, peer: bytes, message: wire.Message) -> None:
+        async with self.ingest_send_lock:
+            await self.ingest.send_multipart([peer, wire.encode(message)])
+
+
+def _first_segment_seq(writer: node.Writer) -> tuple[int | None, int]:
+    segments = writer.segments()
+    return (segments[0].first_seq if segments else None), len(segments)
+
+
+async def run_leader(config: LeaderConfig) -> int:
+    """Run until SIGTERM or SIGINT, then drain, sync and close."""
+    leader = Leader(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leader.serve)
+            async for signum in signals:
+                event(log, "signal", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0

@@ -1,0 +1,72 @@
+"""`walrep load`: a load generator that keeps many requests in flight.
+
+Each entry's payload carries its id, so a checker can match the log against the
+history written with --log (one JSON line per entry: id, seq, outcome).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import trio
+
+from .client import AppendRefused, AppendUnknown, open_client
+
+
+def payload_for(entry_id: int, size: int) -> bytes:
+    head = b"load-%012d-" % entry_id
+    return (head + b"x" * max(0, size - len(head)))[: max(size, len(head))]
+
+
+async def run_load(args) -> int:
+    count, batch = args.count, args.batch
+    batches = [(start, min(batch, count - start)) for start in range(0, count, batch)]
+    outcomes: list[tuple[int, int | None, str]] = []
+    failures = 0
+    log_file = open(args.log, "w") if args.log else None  # noqa: SIM115 (closed below)
+    started = time.monotonic()
+    try:
+        async with open_client(args.ingest, timeout=args.timeout, ack=args.ack) as client:
+            next_batch = 0
+            interval = batch / args.rate if args.rate else 0.0
+
+            async def worker():
+                nonlocal next_batch, failures
+                while next_batch < len(batches):
+                    index = next_batch
+                    next_batch += 1
+                    if interval:
+                        await trio.sleep_until(started + index * interval)
+                    first_id, n = batches[index]
+                    payloads = [payload_for(first_id + i, args.size) for i in range(n)]
+                    try:
+                        first, _last = await client.append_batch(payloads)
+                        results = [(first_id + i, first + i, "ok") for i in range(n)]
+                    except AppendUnknown:
+                        results = [(first_id + i, None, "unknown") for i in range(n)]
+                        failures += n
+                    except AppendRefused:
+                        results = [(first_id + i, None, "failed") for i in range(n)]
+                        failures += n
+                    outcomes.extend(results)
+                    if log_file is not None:
+                        for entry_id, seq, outcome in results:
+                            log_file.write(
+                                json.dumps({"id": entry_id, "seq": seq, "outcome": outcome}) + "\n"
+                            )
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(args.inflight, len(batches))):
+                    nursery.start_soon(worker)
+    finally:
+        if log_file is not None:
+            log_file.close()
+    elapsed = time.monotonic() - started
+    ok = sum(1 for _, _, outcome in outcomes if outcome == "ok")
+    print(f"{ok} of {count} entries acknowledged in {elapsed:.2f} s: {ok / elapsed:,.0f} entries/s")
+    if failures:
+        print(f"walrep load: {failures} entries not acknowledged (see --log)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,249 @@
+"""The reader service: follow a leader's log into a local WAL, byte for byte.
+
+Shell only: protocol.ReaderProtocol decides; this module moves bytes between
+the SUB and DEALER sockets, the local node.Writer and the clock. A silent or
+unreachable leader is retried forever (tenacity, exponential back-off with
+jitter); a refusal that would mix histories stops the reader with exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+
+import tenacity
+import trio
+
+import node
+from node.meta import load_meta, update_meta
+
+from . import protocol, wire, zmqtrio
+from .config import ReaderConfig
+from .logs import event
+
+log = logging.getLogger("walrep.reader")
+
+TICK_S = 0.05
+HANDSHAKE_WAIT_S = 1.0  # how long one hello waits for its welcome before the next try
+EXIT_REFUSED = 2
+
+
+class ReaderStopped(Exception):
+    """The protocol refused to go on; code and message say why and what to do."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _HandshakePending(Exception):
+    pass
+
+
+class Reader:
+    def __init__(self, config: ReaderConfig):
+        self.config = config
+        if config.resync:
+            _discard_log(config.wal_dir)
+        self.writer = node.Writer(
+            config.wal_dir,
+            sync_mode=config.sync_mode,
+            buffer_entries=config.buffer_entries,
+            max_size_bytes=config.max_segment_bytes,
+        )
+        meta = load_meta(config.wal_dir)
+        self.protocol = protocol.ReaderProtocol(
+            config.id,
+            meta.get("log_id"),
+            self.writer.current_sequence(),
+            self.writer.durable_sequence(),
+        )
+        self.state_changed = trio.Event()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        ctx = zmqtrio.new_context()
+        # Subscribe first, then hand-shake (the Clone pattern): nothing published
+        # after the welcome can be missed.
+        self.sub = zmqtrio.make_socket(
+            ctx, zmqtrio.SUB, options={zmqtrio.RCVHWM: self.config.receive_hwm}
+        )
+        self.dealer = zmqtrio.make_socket(
+            ctx, zmqtrio.DEALER, options={zmqtrio.IDENTITY: self.config.id.encode()}
+        )
+        self.send_lock = trio.Lock()
+        try:
+            self.sub.subscribe(b"")
+            self.sub.connect(self.config.leader_publish)
+            self.dealer.connect(self.config.leader_control)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._publish_loop)
+                nursery.start_soon(self._control_loop)
+                nursery.start_soon(self._tick_loop)
+                nursery.start_soon(self._handshake_loop)
+                event(
+                    log,
+                    "reader-started",
+                    id=self.config.id,
+                    applied=self.protocol.applied,
+                    leader=self.config.leader_control,
+                )
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.writer.close)
+            self.sub.close()
+            self.dealer.close()
+            ctx.term()
+            event(log, "reader-stopped", applied=self.writer.current_sequence())
+
+    # --- loops -------------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        while True:
+            data = await self.sub.recv()
+            try:
+                message = wire.decode(data)
+            except wire.BadMessage as exc:
+                event(
+                    log,
+                    "bad-message",
+                    logging.WARNING,
+                    peer=self.config.leader_publish,
+                    reason=str(exc),
+                )
+                continue
+            await self._run(self.protocol.on_publish(message, time.monotonic()))
+
+    async def _control_loop(self) -> None:
+        while True:
+            data = await self.dealer.recv()
+            try:
+                message = wire.decode(data)
+            except wire.BadMessage as exc:
+                event(
+                    log,
+                    "bad-message",
+                    logging.WARNING,
+                    peer=self.config.leader_control,
+                    reason=str(exc),
+                )
+                continue
+            await self._run(self.protocol.on_control(message, time.monotonic()))
+
+    async def _tick_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            await self._run(self.protocol.on_tick(now))
+            await self._run(self.protocol.on_durable(self.writer.durable_sequence(), now))
+            await trio.sleep(TICK_S)
+
+    async def _handshake_loop(self) -> None:
+        """Say hello whenever the protocol needs a handshake, backing off while unanswered."""
+        retrying = tenacity.AsyncRetrying(
+            wait=tenacity.wait_random_exponential(multiplier=0.1, max=5.0),
+            retry=tenacity.retry_if_exception_type(_HandshakePending),
+            sleep=trio.sleep,
+            before_sleep=self._log_retry,
+        )
+        while True:
+            while not self.protocol.needs_handshake():
+                await self._wait_state_change()
+            async for attempt in retrying:
+                with attempt:
+                    await self._send(self.protocol.hello())
+                    with trio.move_on_after(HANDSHAKE_WAIT_S):
+                        while self.protocol.needs_handshake():
+                            await self._wait_state_change()
+                    if self.protocol.needs_handshake():
+                        raise _HandshakePending
+
+    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        if retry_state.attempt_number in (1, 5) or retry_state.attempt_number % 20 == 0:
+            event(
+                log,
+                "leader-unreachable",
+                logging.WARNING,
+                leader=self.config.leader_control,
+                attempts=retry_state.attempt_number,
+            )
+
+    async def _wait_state_change(self) -> None:
+        await self.state_changed.wait()
+        self.state_changed = trio.Event()
+
+    # --- actions -----------------------------------------------------------------------
+
+    async def _run(self, actions: list[protocol.Action]) -> None:
+        for action in actions:
+            if isinstance(action, protocol.AppendRun):
+                await self._append(action)
+            elif isinstance(action, protocol.Send):
+                await self._send(action.message)
+            elif isinstance(action, protocol.StartLog):
+                self.writer.start_at(action.first_seq)
+                update_meta(self.config.wal_dir, log_id=action.log_id, role="reader")
+                event(log, "adopted-log", log_id=action.log_id, first_seq=action.first_seq)
+            elif isinstance(action, protocol.Fail):
+                event(log, "refused", logging.ERROR, code=action.code, reason=action.message)
+                raise ReaderStopped(action.code, action.message)
+            elif isinstance(action, protocol.Note):
+                event(log, action.event, **action.fields)
+        self.state_changed.set()
+
+    async def _append(self, run: protocol.AppendRun) -> None:
+        while True:
+            try:
+                self.writer.append_replicated(
+                    run.first_seq, run.frames, count=run.count, wait=False
+                )
+                return
+            except node.WALDropped:
+                await trio.sleep(0.001)  # the local disk is behind: wait for room
+
+    async def _send(self, message: wire.Message) -> None:
+        async with self.send_lock:
+            await self.dealer.send(wire.encode(message))
+
+
+def _discard_log(wal_dir: str) -> None:
+    """--resync: remove the reader's log so it starts again from the leader's earliest."""
+    if not os.path.isdir(wal_dir):
+        return
+    for name in os.listdir(wal_dir):
+        path = os.path.join(wal_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    event(log, "resync", wal_dir=wal_dir)
+
+
+def _leaves(group: BaseExceptionGroup) -> list:
+    out = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+async def run_reader(config: ReaderConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or a refusal (exit 2, the reason logged)."""
+    reader = Reader(config)
+    stopped: list[ReaderStopped] = []
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(reader.serve)
+                async for signum in signals:
+                    event(log, "signal", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    except* ReaderStopped as group:
+        stopped.extend(_leaves(group))
+    if stopped:
+        print(f"walrep reader: stopped ({stopped[0].code}): {stopped[0]}", file=sys.stderr)
+        return EXIT_REFUSED
+    return 0
