@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench bench-wal chaos clean
+.PHONY: test lint demo bench-wal bench-replication clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ clean:
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+bench-replication: $(STAMP)
+	$(BIN)/python scripts/bench_replication.py

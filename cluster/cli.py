@@ -123,6 +123,12 @@ def _load_config(cls, args: argparse.Namespace):
     return configmod.load(cls, args.config, overrides)
 
 
+def _favour_the_writer_thread() -> None:
+    # The WAL's writer thread needs the GIL to start each group commit; by default a
+    # busy trio thread keeps it for up to 5 ms, which shows directly in commit latency.
+    sys.setswitchinterval(0.0005)
+
+
 def cmd_leader(args: argparse.Namespace) -> int:
     import trio
 
@@ -131,6 +137,7 @@ def cmd_leader(args: argparse.Namespace) -> int:
 
     config = _load_config(configmod.LeaderConfig, args)
     logs.setup(config.log_level, config.log_json)
+    _favour_the_writer_thread()
     return trio.run(run_leader, config)
 
 
@@ -142,6 +149,7 @@ def cmd_reader(args: argparse.Namespace) -> int:
 
     config = _load_config(configmod.ReaderConfig, args)
     logs.setup(config.log_level, config.log_json)
+    _favour_the_writer_thread()
     return trio.run(run_reader, config)
 
 
@@ -233,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--timeout", type=float, default=10.0)
     load.add_argument("--log", default=None, metavar="FILE", help="one JSON line per entry")
+    load.add_argument("--summary", default=None, metavar="FILE", help="totals as JSON")
     load.set_defaults(func=cmd_load)
     return parser
 

@@ -24,6 +24,7 @@ async def run_load(args) -> int:
     count, batch = args.count, args.batch
     batches = [(start, min(batch, count - start)) for start in range(0, count, batch)]
     outcomes: list[tuple[int, int | None, str]] = []
+    latencies: list[float] = []  # seconds from send to acknowledgement, per request
     failures = 0
     log_file = open(args.log, "w") if args.log else None  # noqa: SIM115 (closed below)
     started = time.monotonic()
@@ -31,6 +32,7 @@ async def run_load(args) -> int:
         async with open_client(args.ingest, timeout=args.timeout, ack=args.ack) as client:
             next_batch = 0
             interval = batch / args.rate if args.rate else 0.0
+            paced_from = trio.current_time()  # trio's clock, not time.monotonic()
 
             async def worker():
                 nonlocal next_batch, failures
@@ -38,11 +40,13 @@ async def run_load(args) -> int:
                     index = next_batch
                     next_batch += 1
                     if interval:
-                        await trio.sleep_until(started + index * interval)
+                        await trio.sleep_until(paced_from + index * interval)
                     first_id, n = batches[index]
                     payloads = [payload_for(first_id + i, args.size) for i in range(n)]
+                    sent_at = time.monotonic()
                     try:
                         first, _last = await client.append_batch(payloads)
+                        latencies.append(time.monotonic() - sent_at)
                         results = [(first_id + i, first + i, "ok") for i in range(n)]
                     except AppendUnknown:
                         results = [(first_id + i, None, "unknown") for i in range(n)]
@@ -65,8 +69,40 @@ async def run_load(args) -> int:
             log_file.close()
     elapsed = time.monotonic() - started
     ok = sum(1 for _, _, outcome in outcomes if outcome == "ok")
-    print(f"{ok} of {count} entries acknowledged in {elapsed:.2f} s: {ok / elapsed:,.0f} entries/s")
+    rate = ok / elapsed
+    print(f"{ok} of {count} entries acknowledged in {elapsed:.2f} s: {rate:,.0f} entries/s")
+    percentiles = latency_percentiles(latencies)
+    if percentiles:
+        print(
+            "commit latency per request: "
+            + " ".join(f"{name} {value:.2f} ms" for name, value in percentiles.items())
+        )
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(
+                {
+                    "count": count,
+                    "acknowledged": ok,
+                    "seconds": elapsed,
+                    "entries_per_s": rate,
+                    "ack": args.ack,
+                    "latency_ms": percentiles,
+                },
+                f,
+            )
     if failures:
         print(f"walrep load: {failures} entries not acknowledged (see --log)", file=sys.stderr)
         return 1
     return 0
+
+
+def latency_percentiles(samples: list[float]) -> dict[str, float]:
+    """p50, p99 and p99.9 in milliseconds (nearest rank), or {} with no samples."""
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] * 1000
+
+    return {"p50": rank(0.50), "p99": rank(0.99), "p99.9": rank(0.999)}

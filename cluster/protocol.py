@@ -31,7 +31,9 @@ FETCH_CREDIT = 4  # chunks in flight per fetch (the zguide fileio3 pipeline)
 # Live batches held while a gap is fetched. Past this they are dropped: the fetch
 # is simply extended to cover them, so the bound costs time, never entries.
 LIVE_BUFFER_BYTES = 64 * 1024 * 1024
-ACK_INTERVAL_S = 0.05
+# Acks go out on every sync of the reader's WAL (that already batches them);
+# this only caps them when syncs come faster than the leader needs to hear.
+ACK_INTERVAL_S = 0.001
 
 
 class ReaderState(enum.StrEnum):

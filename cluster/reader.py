@@ -75,6 +75,16 @@ class Reader:
             ctx, zmqtrio.DEALER, options={zmqtrio.IDENTITY: self.config.id.encode()}
         )
         self.send_lock = trio.Lock()
+        self.durable_moved = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def durable_from_thread(_seq: int) -> None:
+            try:
+                token.run_sync_soon(self.durable_moved.set)
+            except trio.RunFinishedError:
+                pass
+
+        self.writer.set_durable_hook(durable_from_thread)
         try:
             self.sub.subscribe(b"")
             self.sub.connect(self.config.leader_publish)
@@ -83,6 +93,7 @@ class Reader:
                 nursery.start_soon(self._publish_loop)
                 nursery.start_soon(self._control_loop)
                 nursery.start_soon(self._tick_loop)
+                nursery.start_soon(self._ack_loop)
                 nursery.start_soon(self._handshake_loop)
                 event(
                     log,
@@ -93,6 +104,7 @@ class Reader:
                 )
                 task_status.started(self)
         finally:
+            self.writer.set_durable_hook(None)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.writer.close)
             self.sub.close()
@@ -140,6 +152,14 @@ class Reader:
             await self._run(self.protocol.on_tick(now))
             await self._run(self.protocol.on_durable(self.writer.durable_sequence(), now))
             await trio.sleep(TICK_S)
+
+    async def _ack_loop(self) -> None:
+        """Ack as soon as the local WAL syncs: replicas=N commits wait on this."""
+        while True:
+            await self.durable_moved.wait()
+            self.durable_moved = trio.Event()
+            durable = self.writer.durable_sequence()
+            await self._run(self.protocol.on_durable(durable, time.monotonic()))
 
     async def _handshake_loop(self) -> None:
         """Say hello whenever the protocol needs a handshake, backing off while unanswered."""

@@ -7,6 +7,7 @@ and every wait is a condition with a deadline.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -196,3 +197,68 @@ def test_append_prints_sequence_and_gives_up_on_unreachable_leader(cluster, tmp_
     )
     assert dead.returncode == 1
     assert "tcp://127.0.0.1:1" in dead.stderr
+
+
+def test_reader_ahead_of_a_leader_restored_from_backup_refuses(tmp_path):
+    """The leader lost entries it had published: the reader names the diverging range."""
+    cluster = LocalCluster(str(tmp_path / "c"), readers=1)
+    backup = str(tmp_path / "leader-backup")
+    try:
+        cluster.start()
+        wait_started(cluster.leader, "leader-started")
+        load(cluster, 500)
+        cluster.wait_converged(timeout=60)
+        assert cluster.leader.stop() == 0
+        shutil.copytree(cluster.leader.wal_dir, backup)
+        cluster.leader.start()
+        wait_for(lambda: cluster.leader.log_text().count("leader-started") == 2, 30, "restart")
+        load(cluster, 500)
+        cluster.wait_converged(timeout=60)
+        assert cluster.leader.stop() == 0
+        shutil.rmtree(cluster.leader.wal_dir)
+        shutil.copytree(backup, cluster.leader.wal_dir)  # the leader goes back in time
+        reader = cluster.reader_nodes[0]
+        before = node.WALReader(reader.wal_dir).digest(1, 1000)
+        cluster.leader.start()
+        code = wait_for(lambda: reader.proc.poll(), 30, "the reader to refuse")
+    finally:
+        cluster.stop()
+    assert code == 2
+    text = reader.log_text()
+    assert "reader-ahead" in text and "501..1000" in text
+    assert node.WALReader(reader.wal_dir).digest(1, 1000) == before
+
+
+def test_garbage_on_every_leader_socket_is_logged_and_survived(cluster):
+    import zmq
+
+    cluster.start()
+    wait_started(cluster.leader, "leader-started")
+    ctx = zmq.Context()
+    try:
+        for endpoint in (cluster.control, cluster.ingest):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            for junk in (
+                b"",
+                b"\xc1",
+                b"\x93\x09\xa5hello\x80",
+                b"\x93\x01\xa4nope\x80",
+                b"x" * 1000,
+            ):
+                sock.send(junk)
+            sock.send_multipart([b"two", b"frames"])
+            # Each bad message is answered with an error; none crashes the leader.
+            assert sock.poll(10_000), f"no answer from {endpoint}"
+            sock.close()
+    finally:
+        ctx.term()
+    wait_for(lambda: cluster.leader.log_text().count("bad-message") >= 10, 30, "the rejections")
+    text = cluster.leader.log_text()
+    assert "protocol version 9 is not supported" in text
+    assert "unknown message kind 'nope'" in text
+    assert "peer=" in text
+    load(cluster, 100)
+    assert cluster.leader.running()
+    assert assert_identical(cluster) == 100

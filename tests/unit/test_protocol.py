@@ -722,9 +722,9 @@ def test_acks_are_rate_limited():
     assert sends(reader.on_durable(10, 1.0)) == [wire.Ack(READER_ID, 0, 10)]
     assert reader.on_durable(10, 1.5) == []  # nothing new
     assert reader.on_durable(20, 1.0 + ACK_INTERVAL_S / 2) == []  # too soon
-    assert sends(reader.on_durable(20, 1.0 + ACK_INTERVAL_S)) == [wire.Ack(READER_ID, 0, 20)]
+    assert sends(reader.on_durable(20, 1.0 + 2 * ACK_INTERVAL_S)) == [wire.Ack(READER_ID, 0, 20)]
     # Caught up with the leader's head: acked at once, rate limit or not.
-    assert sends(reader.on_durable(100, 1.0 + ACK_INTERVAL_S + 0.001)) == [
+    assert sends(reader.on_durable(100, 1.0 + 2 * ACK_INTERVAL_S + ACK_INTERVAL_S / 4)) == [
         wire.Ack(READER_ID, 0, 100)
     ]
 
