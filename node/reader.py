@@ -27,6 +27,7 @@ _unpack_header = fmt.ENTRY_HEADER.unpack_from
 _HEADER = fmt.ENTRY_HEADER_BYTES
 _crc32 = fmt.crc32
 _MAX = fmt.MAX_PAYLOAD_BYTES
+SCAN_SLICE_ENTRIES = 8192
 
 # The C fast path of scan() and decode_frames() (node/_scan.c), when it was built:
 # it passes good entries and stops before anything the Python code must judge.
@@ -141,17 +142,20 @@ def scan(
     is_tail: bool = True,
     out: list[RawEntry] | None = None,
     on_problem: Callable[[fmt.Problem], None] | None = None,
+    resume: ScanEnd | None = None,
 ) -> ScanEnd:
     """Walk the entries of one segment's bytes, appending each good one to ``out``.
 
     Entries before ``start_seq`` are skipped without a CRC check (only their
     lengths are read); scanning stops after ``stop_seq``. ``is_tail`` says whether
     an incomplete last entry is a torn write (the newest segment) or damage.
+    ``resume`` continues a scan that an earlier call ended at its stop_seq.
     """
-    pos = fmt.FILE_HEADER_BYTES
+    if resume is None:
+        pos, seq, entries = fmt.FILE_HEADER_BYTES, first_seq, 0
+    else:
+        pos, seq, entries = resume.valid_end, resume.next_seq, resume.entries
     size = len(data)
-    seq = first_seq
-    entries = 0
     skip_before = start_seq if (start_seq is not None and first_seq is not None) else 0
     view = memoryview(data)
     add = out.append if out is not None else None
@@ -348,7 +352,6 @@ class WALReader:
                 return  # a segment the writer is creating: nothing in it yet
             self._report(fmt.Problem("bad-header", path, 0, first_seq, header_problem, len(data)))
             return
-        found: list[RawEntry] = []
         damaged: list[fmt.Problem] = []
 
         def report(problem: fmt.Problem) -> None:
@@ -356,21 +359,45 @@ class WALReader:
                 damaged.append(problem)
             self._report(problem)
 
-        end = scan(
-            data,
-            path,
-            first_seq,
-            start_seq=from_seq if first_seq is not None else None,
-            stop_seq=to_seq if first_seq is not None else None,
-            is_tail=is_tail,
-            out=found,
-            on_problem=report,
-        )
-        if first_seq is not None:
-            found = self._check_placement(path, data, first_seq, next_first, end, damaged, found)
-        self.total_entries += len(found)
-        self.total_bytes += sum(len(e[2]) for e in found)
-        yield from found
+        sequenced = first_seq is not None
+        # Scan in slices of SCAN_SLICE_ENTRIES so memory stays bounded and result
+        # objects are recycled instead of faulted in fresh for a whole segment.
+        held: list[RawEntry] = []  # entries after a damaged one, until placement is known
+        end = None
+        while True:
+            found: list[RawEntry] = []
+            stop = to_seq
+            if sequenced:
+                next_seq = first_seq if end is None else end.next_seq
+                slice_end = max(next_seq, from_seq or 0) + SCAN_SLICE_ENTRIES - 1
+                stop = slice_end if to_seq is None else min(to_seq, slice_end)
+            end = scan(
+                data,
+                path,
+                first_seq,
+                start_seq=from_seq if sequenced else None,
+                stop_seq=stop if sequenced else None,
+                is_tail=is_tail,
+                out=found,
+                on_problem=report,
+                resume=end,
+            )
+            if damaged:
+                first_bad = damaged[0].sequence
+                safe = [e for e in found if e[0] < first_bad]
+                held.extend(e for e in found if e[0] > first_bad)
+                found = safe
+            self.total_entries += len(found)
+            self.total_bytes += sum(len(e[2]) for e in found)
+            yield from found
+            finished = end.problem is not None or end.valid_end >= len(data)
+            if finished or not sequenced or (to_seq is not None and end.next_seq > to_seq):
+                break
+        if sequenced:
+            held = self._check_placement(path, data, first_seq, next_first, end, damaged, held)
+            self.total_entries += len(held)
+            self.total_bytes += sum(len(e[2]) for e in held)
+            yield from held
 
     def _check_placement(self, path, data, first_seq, next_first, end, damaged, found):
         """Keep only entries whose sequence is certain.
@@ -399,7 +426,7 @@ class WALReader:
                     len(data) - first_bad.offset,
                 )
             )
-            return [e for e in found if e[0] < first_bad.sequence]
+            return []
         if whole_file and expected is not None and end.entries != expected:
             self._report(
                 fmt.Problem(
