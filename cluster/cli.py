@@ -171,7 +171,9 @@ def cmd_append(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_client(args.ingest, timeout=args.timeout, ack=args.ack) as client:
-            return await client.append_records(records, database=args.database)
+            return await client.append_records(
+                records, database=args.database, retries=args.retries
+            )
 
     try:
         seq = trio.run(run)
@@ -188,6 +190,21 @@ def cmd_load(args: argparse.Namespace) -> int:
     from .loadgen import run_load
 
     return trio.run(run_load, args)
+
+
+def cmd_forget_reader(args: argparse.Namespace) -> int:
+    import trio
+
+    from .admin import AdminError, forget_reader
+
+    try:
+        status = trio.run(forget_reader, args.control, args.reader_id, args.timeout)
+    except AdminError as exc:
+        print(f"walrep forget-reader: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    remaining = ", ".join(r["id"] for r in status["readers"]) or "none"
+    print(f"forgot {args.reader_id}; readers the leader retains for: {remaining}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,8 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
     )
     append.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    append.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="resend on an unknown outcome, up to N times (no duplicates)",
+    )
     append.add_argument("json", help="one JSON object, or a list of them")
     append.set_defaults(func=cmd_append)
+
+    forget = sub.add_parser(
+        "forget-reader", help="stop retaining the leader's log for a reader that is gone"
+    )
+    forget.add_argument("reader_id", metavar="ID")
+    forget.add_argument(
+        "--control", required=True, metavar="EP", help="the leader's control endpoint"
+    )
+    forget.add_argument("--timeout", type=float, default=10.0)
+    forget.set_defaults(func=cmd_forget_reader)
 
     load = sub.add_parser("load", help="generate load against a leader")
     load.add_argument("--ingest", required=True, metavar="EP")
@@ -240,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
     )
     load.add_argument("--timeout", type=float, default=10.0)
+    load.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="resend a request whose outcome is unknown, up to N times",
+    )
+    load.add_argument(
+        "--nowait",
+        action="store_true",
+        help="ask the leader to refuse (busy) instead of waiting when full",
+    )
     load.add_argument("--log", default=None, metavar="FILE", help="one JSON line per entry")
     load.add_argument("--summary", default=None, metavar="FILE", help="totals as JSON")
     load.set_defaults(func=cmd_load)

@@ -10,9 +10,12 @@ may still have been committed, so it is never reported as failed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -29,58 +32,123 @@ class ClientError(Exception):
 class AppendRefused(ClientError):
     """The leader refused the request: nothing was written."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, attempts: int = 1):
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.attempts = attempts
 
 
 class AppendUnknown(ClientError, TimeoutError):
     """No answer in time: the entries may or may not be committed."""
 
+    def __init__(self, message: str, attempts: int = 1, request: wire.Append | None = None):
+        super().__init__(message)
+        self.attempts = attempts
+        self.request = request  # what Client.retry sends again
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    first_seq: int
+    last_seq: int
+    attempts: int  # 1, or more when retries after an unknown outcome were needed
+
 
 class Client:
-    def __init__(self, socket, timeout: float, ack: str | None):
+    def __init__(self, socket, timeout: float, ack: str | None, client_id: str | None = None):
         self._socket = socket
         self.timeout = timeout
         self.ack = ack
+        # Names this client's requests, so the leader recognises a retry.
+        self.client_id = client_id or secrets.token_hex(8)
         self._ids = itertools.count(1)
         self._waiting: dict[int, trio.MemorySendChannel] = {}
         self._send_lock = trio.Lock()
 
-    async def append(self, payload: bytes, *, ack: str | None = None) -> int:
-        first, _last = await self.append_batch([payload], ack=ack)
+    async def append(self, payload: bytes, *, ack: str | None = None, **options) -> int:
+        first, _last = await self.append_batch([payload], ack=ack, **options)
         return first
 
     async def append_records(
-        self, records: list[dict[str, Any]], *, database: str | None = None, ack: str | None = None
+        self,
+        records: list[dict[str, Any]],
+        *,
+        database: str | None = None,
+        ack: str | None = None,
+        **options,
     ) -> int:
         payload = fmt.encode_records(records)
         if database is not None:
             payload = fmt.encode_envelope(database, payload)
-        return await self.append(payload, ack=ack)
+        return await self.append(payload, ack=ack, **options)
 
     async def append_batch(
-        self, payloads: Sequence[bytes], *, ack: str | None = None
+        self,
+        payloads: Sequence[bytes],
+        *,
+        ack: str | None = None,
+        retries: int = 0,
+        nowait: bool = False,
     ) -> tuple[int, int]:
-        request_id = next(self._ids)
-        request = wire.Append(request_id, list(payloads), ack or self.ack)
-        reply_in, reply_out = trio.open_memory_channel(1)
+        receipt = await self.append_batch_receipt(payloads, ack=ack, retries=retries, nowait=nowait)
+        return receipt.first_seq, receipt.last_seq
+
+    async def append_batch_receipt(
+        self,
+        payloads: Sequence[bytes],
+        *,
+        ack: str | None = None,
+        retries: int = 0,
+        nowait: bool = False,
+    ) -> Receipt:
+        """Append payloads as consecutive entries; (first, last) once the ack level holds.
+
+        Each retry after an unknown outcome resends the same request (same client id
+        and request id), so the leader answers with the original sequences instead of
+        appending twice. nowait=True asks for AppendRefused("busy") rather than
+        waiting when the leader's queue is full.
+        """
+        request = wire.Append(
+            next(self._ids),
+            list(payloads),
+            ack or self.ack,
+            client_id=self.client_id,
+            nowait=nowait,
+        )
+        return await self._send(request, retries)
+
+    async def retry(self, unknown: AppendUnknown, *, retries: int = 0) -> Receipt:
+        """Send again the request an AppendUnknown came from: the original sequences
+        come back if it was committed, and it is appended once if it was not."""
+        return await self._send(unknown.request, retries, unknown.attempts)
+
+    async def _send(self, request: wire.Append, retries: int, attempts_before: int = 0) -> Receipt:
+        request_id = request.request_id
+        data = wire.encode(request)
+        reply_in, reply_out = trio.open_memory_channel(retries + 1 + attempts_before)
         self._waiting[request_id] = reply_in
         try:
-            with trio.move_on_after(self.timeout) as scope:
-                async with self._send_lock:
-                    await self._socket.send(wire.encode(request))
-                reply = await reply_out.receive()
-            if scope.cancelled_caught:
+            attempt = attempts_before
+            reply = None
+            while reply is None and attempt <= retries + attempts_before:
+                attempt += 1
+                with trio.move_on_after(self.timeout):
+                    async with self._send_lock:
+                        await self._socket.send(data)
+                    reply = await reply_out.receive()
+            if reply is None:
                 raise AppendUnknown(
                     f"no answer from the leader within {self.timeout} s for request "
-                    f"{request_id}: the entries may or may not be committed"
+                    f"{request_id} ({attempt} attempts): the entries may or may not be "
+                    "committed; client.retry(error) sends it again without duplicating it",
+                    attempts=attempt,
+                    request=request,
                 )
         finally:
             self._waiting.pop(request_id, None)
         if isinstance(reply, wire.Refused):
-            raise AppendRefused(reply.code, reply.message)
-        return reply.first_seq, reply.last_seq
+            raise AppendRefused(reply.code, reply.message, attempts=attempt)
+        return Receipt(reply.first_seq, reply.last_seq, attempt)
 
     async def _receive_loop(self) -> None:
         while True:
@@ -92,7 +160,8 @@ class Client:
             request_id = getattr(reply, "request_id", None)
             channel = self._waiting.get(request_id)
             if channel is not None:
-                channel.send_nowait(reply)
+                with contextlib.suppress(trio.WouldBlock):  # a late duplicate answer
+                    channel.send_nowait(reply)
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -31,6 +31,13 @@ class LeaderConfig:
     default_ack: str = "local"
     # Messages queued per subscriber before PUB drops (readers then fetch the gap).
     publish_hwm: int = 1000
+    # Retention: segments every known reader holds durably are purged; these bounds
+    # purge older segments anyway (0 = no bound), and readers that needed them get
+    # "too old" (like PostgreSQL's max_slot_wal_keep_size).
+    max_retained_bytes: int = 0
+    max_retained_age_s: float = 0.0
+    # With no reader known, keep everything (false) or only the active segment (true).
+    purge_without_readers: bool = False
     buffer_entries: int = 100_000
     max_segment_bytes: int = 64 * 1024 * 1024
     log_json: bool = False
@@ -79,6 +86,8 @@ def load(cls, path: str | None, overrides: dict[str, Any]):
     config = cls(source=source)
     for key, value in values.items():
         expected = type(getattr(config, key))
+        if expected is float and type(value) is int:
+            value = float(value)  # TOML writes 3600 for 3600.0
         if expected is int and isinstance(value, bool) or not isinstance(value, expected):
             raise ConfigError(
                 f"{source}: key {key!r} must be {expected.__name__}, got {type(value).__name__} "
@@ -107,6 +116,10 @@ def check(config) -> None:
         fail("max_segment_bytes", "must be at least 4096")
     if isinstance(config, LeaderConfig):
         endpoints = {"ingest": config.ingest, "publish": config.publish, "control": config.control}
+        if config.max_retained_bytes < 0:
+            fail("max_retained_bytes", "must be 0 (no bound) or more")
+        if config.max_retained_age_s < 0:
+            fail("max_retained_age_s", "must be 0 (no bound) or more")
         if config.publish_hwm < 0:
             fail("publish_hwm", "must be 0 (no limit) or more")
         try:

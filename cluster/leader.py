@@ -8,9 +8,11 @@ here ever blocks the trio loop on a disk write.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
+import os
 import secrets
 import signal
 import time
@@ -31,6 +33,11 @@ log = logging.getLogger("walrep.leader")
 # A request waiting for its ack level is dropped after this long: the client
 # has long since reported "unknown", and the leader must not hoard waiters.
 WAITER_TTL_S = 300.0
+# How many recent requests a retry can be matched against (client id + request id).
+# A retry later than this many requests after its original is appended again.
+DEDUP_REQUESTS = 200_000
+# How often reader positions are saved and retention is applied.
+HOUSEKEEPING_INTERVAL_S = 1.0
 # A fetch whose reader grants no credit for this long is abandoned.
 FETCH_IDLE_S = 30.0
 
@@ -71,6 +78,15 @@ class Leader:
         self.durable = self.writer.durable_sequence()
         self.endpoints: dict[str, str] = {}
         self.rejected_messages = 0
+        self.backpressure_waits = 0  # appends that waited for room in the WAL queue
+        self.busy_refusals = 0  # nowait appends refused because the queue was full
+        self.duplicate_requests = 0  # retries answered with their original sequences
+        # (client_id, request_id) -> (first, last): how a retry finds its original.
+        self.recent_requests: collections.OrderedDict[tuple[str, int], tuple[int, int]] = (
+            collections.OrderedDict()
+        )
+        self.protocol.restore(meta.get("readers", {}), time.monotonic(), time.time())
+        self.saved_positions = self.protocol.positions(time.monotonic(), time.time())
 
     # --- running ---------------------------------------------------------------------
 
@@ -106,6 +122,7 @@ class Leader:
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._control_loop)
                 nursery.start_soon(self._ingest_loop)
+                nursery.start_soon(self._housekeeping_loop)
                 event(
                     log,
                     "leader-started",
@@ -118,6 +135,8 @@ class Leader:
         finally:
             self.writer.set_commit_hook(None)
             self.writer.set_durable_hook(None)
+            with trio.CancelScope(shield=True):
+                await self._save_positions()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.writer.close)
             for sock in (self.pub, self.control, self.ingest):
@@ -164,6 +183,71 @@ class Leader:
             self._expire_waiters()
             await trio.sleep(protocol.HEARTBEAT_INTERVAL_S)
 
+    # --- reader positions and retention --------------------------------------------
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await trio.sleep(HOUSEKEEPING_INTERVAL_S)
+            await self._save_positions()
+            await self.apply_retention()
+
+    async def _save_positions(self) -> None:
+        positions = self.protocol.positions(time.monotonic(), time.time())
+        if positions == self.saved_positions:
+            return
+        await trio.to_thread.run_sync(
+            functools.partial(update_meta, self.config.wal_dir, readers=positions)
+        )
+        self.saved_positions = positions
+
+    async def apply_retention(self) -> int:
+        """Purge segments every known reader holds durably, or that exceed the bounds."""
+        floor = self.protocol.retention_floor()  # read here: the protocol is the trio thread's
+        head = self.protocol.head
+        removed, first = await trio.to_thread.run_sync(self._purge, floor, head)
+        if removed:
+            self.protocol.on_purge(first)
+            too_old = [
+                r.reader_id for r in self.protocol.readers.values() if r.durable_seq + 1 < first
+            ]
+            event(log, "purged", segments=removed, earliest=first, too_old_readers=too_old)
+        return removed
+
+    def _purge(self, floor: int | None, head: int) -> tuple[int, int | None]:
+        """In a worker thread: purge what retention allows; (segments removed, earliest)."""
+        segments = self.writer.segments()
+        if len(segments) < 2:
+            return 0, None
+        if floor is not None:
+            keep_from = floor + 1  # every known reader holds everything below durably
+        elif self.config.purge_without_readers:
+            keep_from = head + 1
+        else:
+            keep_from = 0
+        keep_from = max(keep_from, self._bounded_keep_from(segments))
+        if keep_from <= segments[0].first_seq:
+            return 0, None
+        removed = self.writer.purge_before(keep_from)
+        return removed, self.writer.segments()[0].first_seq
+
+    def _bounded_keep_from(self, segments) -> int:
+        """The first sequence the size and age bounds let us keep (0: no bound applies)."""
+        max_bytes = self.config.max_retained_bytes
+        max_age = self.config.max_retained_age_s
+        if not (max_bytes or max_age):
+            return 0
+        total = sum(_size(s.path) for s in segments)
+        now = time.time()
+        keep_from = 0
+        for segment, following in zip(segments, segments[1:], strict=False):
+            too_big = max_bytes and total > max_bytes
+            too_old = max_age and now - _mtime(segment.path) > max_age
+            if not (too_big or too_old):
+                break
+            total -= _size(segment.path)
+            keep_from = following.first_seq
+        return keep_from
+
     # --- control: handshakes, fetches, acks, status ---------------------------------
 
     async def _control_loop(self) -> None:
@@ -185,12 +269,31 @@ class Leader:
                     entry[0].add_credit(message.credit)
                     entry[1].set()
                 continue
+            if isinstance(message, wire.StatusRequest):
+                await self._send_control(peer, wire.StatusReply(self.status()))
+                continue
             actions = self.protocol.on_control(peer, message, time.monotonic())
             await self._run_actions(actions)
             if isinstance(message, wire.Fetch) and not actions:
                 self.nursery.start_soon(self._serve_fetch, peer, message)
             if isinstance(message, wire.Ack):
                 await self._resolve_waiters()
+
+    def status(self) -> dict:
+        """The protocol's view (positions, lag) plus this node's counters."""
+        status = self.protocol.status(time.monotonic())
+        status["leader"] = {
+            "endpoints": self.endpoints,
+            "sync_mode": self.writer.sync_mode.value,
+            "durable_seq": self.durable,
+            "waiting_requests": len(self.waiters),
+            "backpressure_waits": self.backpressure_waits,
+            "busy_refusals": self.busy_refusals,
+            "duplicate_requests": self.duplicate_requests,
+            "rejected_messages": self.rejected_messages,
+            "wal": self.writer.stats().as_dict(),
+        }
+        return status
 
     async def _run_actions(self, actions) -> None:
         for action in actions:
@@ -278,6 +381,13 @@ class Leader:
             await self._append(peer, message, replicas)
 
     async def _append(self, peer: bytes, request: wire.Append, replicas: int | None) -> None:
+        key = (request.client_id, request.request_id) if request.client_id else None
+        if key is not None and key in self.recent_requests:
+            # A retry: answer with the original sequences once the ack level holds for them.
+            self.duplicate_requests += 1
+            first, last = self.recent_requests[key]
+            await self._wait_for_level(peer, request.request_id, first, last, replicas)
+            return
         for payload in request.payloads:
             if len(payload) > fmt.MAX_PAYLOAD_BYTES:
                 refusal = wire.Refused(
@@ -287,27 +397,44 @@ class Leader:
                 )
                 await self._reply(peer, refusal)
                 return
+        waited = False
         while True:
             try:
                 first, last = self.writer.append_batch_nowait(request.payloads)
                 break
-            except node.WALDropped:
+            except node.WALDropped as exc:
+                if request.nowait:
+                    self.busy_refusals += 1
+                    refusal = wire.Refused("busy", str(exc), request_id=request.request_id)
+                    await self._reply(peer, refusal)
+                    return
                 # Back-pressure: the queue is full. Wait here, so every client waits,
                 # rather than drop anything.
+                if not waited:
+                    self.backpressure_waits += 1
+                    waited = True
                 await trio.sleep(0.001)
             except (node.WALClosed, node.WALFailed) as exc:
                 await self._reply(
                     peer, wire.Refused("unavailable", str(exc), request_id=request.request_id)
                 )
                 return
+        if key is not None:
+            self.recent_requests[key] = (first, last)
+            if len(self.recent_requests) > DEDUP_REQUESTS:
+                self.recent_requests.popitem(last=False)
+        await self._wait_for_level(peer, request.request_id, first, last, replicas)
+
+    async def _wait_for_level(
+        self, peer: bytes, request_id: int, first: int, last: int, replicas: int | None
+    ) -> None:
         if replicas is None:
-            await self._reply(peer, wire.Appended(request.request_id, first, last))
+            await self._reply(peer, wire.Appended(request_id, first, last))
             return
-        self.waiters.append(
-            _Waiter(peer, request.request_id, first, last, replicas, time.monotonic())
-        )
+        self.waiters.append(_Waiter(peer, request_id, first, last, replicas, time.monotonic()))
         if self.writer.sync_mode is node.SyncMode.ASYNC:
             self.writer.request_sync()
+        await self._resolve_waiters()
 
     async def _resolve_waiters(self) -> None:
         if not self.waiters:
@@ -338,6 +465,20 @@ class Leader:
     async def _reply(self, peer: bytes, message: wire.Message) -> None:
         async with self.ingest_send_lock:
             await self.ingest.send_multipart([peer, wire.encode(message)])
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return time.time()
 
 
 def _first_segment_seq(writer: node.Writer) -> tuple[int | None, int]:

@@ -33,6 +33,7 @@ async def run_load(args) -> int:
             next_batch = 0
             interval = batch / args.rate if args.rate else 0.0
             paced_from = trio.current_time()  # trio's clock, not time.monotonic()
+            ack_level = args.ack or "leader-default"
 
             async def worker():
                 nonlocal next_batch, failures
@@ -45,21 +46,32 @@ async def run_load(args) -> int:
                     payloads = [payload_for(first_id + i, args.size) for i in range(n)]
                     sent_at = time.monotonic()
                     try:
-                        first, _last = await client.append_batch(payloads)
+                        receipt = await client.append_batch_receipt(
+                            payloads, retries=args.retries, nowait=args.nowait
+                        )
                         latencies.append(time.monotonic() - sent_at)
+                        first, attempts = receipt.first_seq, receipt.attempts
                         results = [(first_id + i, first + i, "ok") for i in range(n)]
-                    except AppendUnknown:
+                    except AppendUnknown as exc:
+                        attempts = exc.attempts
                         results = [(first_id + i, None, "unknown") for i in range(n)]
                         failures += n
-                    except AppendRefused:
+                    except AppendRefused as exc:
+                        attempts = exc.attempts
                         results = [(first_id + i, None, "failed") for i in range(n)]
                         failures += n
                     outcomes.extend(results)
                     if log_file is not None:
                         for entry_id, seq, outcome in results:
-                            log_file.write(
-                                json.dumps({"id": entry_id, "seq": seq, "outcome": outcome}) + "\n"
-                            )
+                            record = {
+                                "id": entry_id,
+                                "seq": seq,
+                                "outcome": outcome,
+                                "ack": ack_level,
+                                "attempts": attempts,
+                            }
+                            log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()  # a history that survives this process being killed
 
             async with trio.open_nursery() as nursery:
                 for _ in range(min(args.inflight, len(batches))):

@@ -463,6 +463,12 @@ class LeaderProtocol:
             return []
         if isinstance(message, wire.StatusRequest):
             return [Send(wire.StatusReply(self.status(now)), peer)]
+        if isinstance(message, wire.ForgetReader):
+            known = self.readers.pop(message.reader_id, None) is not None
+            return [
+                Note("forgot-reader", {"reader": message.reader_id, "was_known": known}),
+                Send(wire.StatusReply(self.status(now)), peer),
+            ]
         if isinstance(message, wire.Fetch):
             return self.check_fetch(peer, message)
         return [Send(wire.Refused("bad-request", f"{message.KIND} is not a control request"), peer)]
@@ -525,6 +531,37 @@ class LeaderProtocol:
                 )
             ]
         return []
+
+    def retention_floor(self) -> int | None:
+        """Every known reader holds all entries up to this durably (None: no readers)."""
+        if not self.readers:
+            return None
+        return min(r.durable_seq for r in self.readers.values())
+
+    def positions(self, now: float, wall_now: float) -> dict[str, dict[str, float]]:
+        """Reader positions to persist, so a restarted leader keeps retaining for them."""
+        return {
+            r.reader_id: {
+                "applied_seq": r.applied_seq,
+                "durable_seq": r.durable_seq,
+                "last_contact_unix": round(wall_now - (now - r.last_contact), 3),
+            }
+            for r in self.readers.values()
+        }
+
+    def restore(self, positions: dict[str, dict], now: float, wall_now: float) -> None:
+        for reader_id, pos in positions.items():
+            if reader_id in self.readers:
+                continue
+            last_contact = now - max(0.0, wall_now - float(pos.get("last_contact_unix", wall_now)))
+            self.readers[reader_id] = ReaderInfo(
+                reader_id,
+                b"",
+                int(pos["applied_seq"]),
+                int(pos["durable_seq"]),
+                last_contact,
+                last_contact,
+            )
 
     def status(self, now: float) -> dict[str, Any]:
         return {

@@ -257,11 +257,17 @@ class Append(Message):
     request_id: int
     payloads: list
     ack: str | None = None  # None: the leader's default_ack
+    # With a client id, (client_id, request_id) names the request: sending it again
+    # (a retry after an unknown outcome) returns the original sequences.
+    client_id: str | None = None
+    nowait: bool = False  # refuse with "busy" instead of waiting when the queue is full
 
     def validate(self):
         _seq(self.request_id, "request_id")
         _check(self.payloads, list, "payloads")
         _check(self.ack, str, "ack", optional=True)
+        _ident(self.client_id, "client_id", optional=True)
+        _check(self.nowait, bool, "nowait")
         if not 0 < len(self.payloads) <= MAX_BATCH_ENTRIES:
             raise BadMessage(f"an append carries 1..{MAX_BATCH_ENTRIES} payloads")
         for index, payload in enumerate(self.payloads):
@@ -282,6 +288,17 @@ class Appended(Message):
         _seq(self.last_seq, "last_seq")
 
 
+@dataclass(frozen=True, slots=True)
+class ForgetReader(Message):
+    """Operator -> leader (control): stop retaining the log for this reader."""
+
+    KIND: ClassVar[str] = "forget-reader"
+    reader_id: str
+
+    def validate(self):
+        _ident(self.reader_id, "reader_id")
+
+
 KINDS: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -298,6 +315,7 @@ KINDS: dict[str, type[Message]] = {
         StatusReply,
         Append,
         Appended,
+        ForgetReader,
     )
 }
 

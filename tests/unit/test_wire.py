@@ -42,7 +42,9 @@ SAMPLES: list[wire.Message] = [
     wire.StatusReply({"head_seq": 3, "readers": [{"id": "r", "lag_entries": 0}]}),
     wire.Append(9, [b"p1", b"", b"p3"], ack="replicas=2"),
     wire.Append(10, [b"x"]),
+    wire.Append(11, [b"y"], client_id="client-7", nowait=True),
     wire.Appended(9, 100, 102),
+    wire.ForgetReader("reader-2"),
 ]
 
 

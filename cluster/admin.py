@@ -1,0 +1,44 @@
+"""Operator requests to a leader's control endpoint (forget-reader, status)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from . import wire, zmqtrio
+
+
+class AdminError(Exception):
+    pass
+
+
+async def request(control: str, message: wire.Message, timeout: float) -> wire.Message:
+    ctx = zmqtrio.new_context()
+    sock = zmqtrio.make_socket(ctx, zmqtrio.DEALER)
+    try:
+        sock.connect(control)
+        with trio.move_on_after(timeout):
+            await sock.send(wire.encode(message))
+            try:
+                return wire.decode(await sock.recv())
+            except wire.BadMessage as exc:
+                raise AdminError(f"{control} answered with a bad message: {exc}") from None
+        raise AdminError(f"no answer from {control} within {timeout} s (is the leader running?)")
+    finally:
+        sock.close()
+        ctx.term()
+
+
+async def forget_reader(control: str, reader_id: str, timeout: float) -> dict[str, Any]:
+    reply = await request(control, wire.ForgetReader(reader_id), timeout)
+    if not isinstance(reply, wire.StatusReply):
+        raise AdminError(f"{control} answered {reply.KIND}: {getattr(reply, 'message', '')}")
+    return reply.status
+
+
+async def status(control: str, timeout: float) -> dict[str, Any]:
+    reply = await request(control, wire.StatusRequest(), timeout)
+    if not isinstance(reply, wire.StatusReply):
+        raise AdminError(f"{control} answered {reply.KIND}")
+    return reply.status

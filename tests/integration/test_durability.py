@@ -1,0 +1,383 @@
+"""Ack levels, retention and the edge cases of a real log, with real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+
+import pytest
+import trio
+
+import node
+from cluster.admin import status as leader_status
+from cluster.client import AppendUnknown, open_client
+from cluster.loadgen import payload_for
+from cluster.procs import LocalCluster, wait_for, walrep_command
+
+pytestmark = pytest.mark.timeout(300)
+SIZE = 100
+
+
+def wait_started(proc, count: int = 1) -> None:
+    wait_for(lambda: proc.log_text().count("leader-started") >= count, 30, f"{proc.name} to start")
+
+
+def history(path: str) -> list[dict]:
+    """The complete lines of a `walrep load --log` history."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def payload_at(wal_dir: str, seq: int) -> bytes | None:
+    for s, _ts, payload in node.WALReader(wal_dir).raw_entries(seq, seq):
+        return payload if s == seq else None
+    return None
+
+
+def all_payloads(wal_dir: str) -> dict[int, bytes]:
+    return {seq: payload for seq, _ts, payload in node.WALReader(wal_dir).raw_entries()}
+
+
+def status_of(cluster: LocalCluster) -> dict:
+    return trio.run(leader_status, cluster.control, 10.0)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(str(tmp_path / "c"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+# --- what each ack level promises ---------------------------------------------------------
+
+
+def test_replicas_1_survives_leader_sigkill_at_random_moments(tmp_path):
+    """Every entry acknowledged with replicas=1 is on a reader with its bytes, in 10 rounds."""
+    rng = random.Random(int(os.environ.get("WALREP_TEST_SEED", "7")))
+    cluster = LocalCluster(str(tmp_path / "c"), readers=2)
+    acked = 0
+    try:
+        cluster.start()
+        wait_started(cluster.leader)
+        for round_number in range(10):
+            log = str(tmp_path / f"history-{round_number}.jsonl")
+            load = subprocess.Popen(
+                walrep_command(
+                    "load",
+                    "--ingest",
+                    cluster.ingest,
+                    "--count",
+                    "200000",
+                    "--batch",
+                    "50",
+                    "--ack",
+                    "replicas=1",
+                    "--timeout",
+                    "2",
+                    "--log",
+                    log,
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                # A random moment: once a random number of entries were acknowledged.
+                target = rng.randint(1, 400) * 50
+                wait_for(lambda: _lines(log) >= target, 60, "acknowledgements")  # noqa: B023
+                cluster.leader.kill()
+            finally:
+                # The rest of this run would only time out; its log so far is the history.
+                os.kill(load.pid, signal.SIGINT)
+                load.wait(timeout=30)
+            cluster.leader.start()
+            wait_started(cluster.leader, round_number + 2)
+            logs = [all_payloads(r.wal_dir) for r in cluster.reader_nodes]
+            for record in history(log):
+                if record["outcome"] != "ok":
+                    continue
+                acked += 1
+                expected = payload_for(record["id"], SIZE)
+                holders = [held for held in logs if held.get(record["seq"]) == expected]
+                assert holders, f"round {round_number}: acked {record} is on no reader"
+    finally:
+        cluster.stop()
+    assert acked > 0
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_local_acks_survive_leader_sigkill(cluster, tmp_path):
+    cluster.start()
+    wait_started(cluster.leader)
+    log = str(tmp_path / "h.jsonl")
+    load = subprocess.Popen(
+        walrep_command(
+            "load",
+            "--ingest",
+            cluster.ingest,
+            "--count",
+            "300000",
+            "--ack",
+            "local",
+            "--timeout",
+            "2",
+            "--log",
+            log,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: _lines(log) >= 20_000, 60, "acknowledgements")
+    cluster.leader.kill()
+    os.kill(load.pid, signal.SIGINT)
+    load.wait(timeout=30)
+    records = [r for r in history(log) if r["outcome"] == "ok"]
+    assert records
+    for record in records[-2000:] + records[:100]:
+        assert payload_at(cluster.leader.wal_dir, record["seq"]) == payload_for(record["id"], SIZE)
+
+
+def test_none_acks_are_answered_before_durability_and_kept_by_a_clean_stop(cluster):
+    cluster.start()
+    wait_started(cluster.leader)
+    result = cluster.load(20_000, "--ack", "none")
+    assert result.returncode == 0, result.stderr
+    assert cluster.leader.stop() == 0  # drains and syncs what it accepted
+    assert node.WALReader(cluster.leader.wal_dir).bounds() == (1, 20_000)
+
+
+def test_replicas_2_with_one_reader_is_unknown_then_a_retry_returns_the_original(tmp_path):
+    cluster = LocalCluster(str(tmp_path / "c"), readers=2)
+    second = cluster.reader_nodes[1]
+    try:
+        cluster.leader.start()
+        cluster.reader_nodes[0].start()
+        wait_started(cluster.leader)
+
+        async def scenario():
+            async with open_client(cluster.ingest, timeout=2, ack="replicas=2") as client:
+                with pytest.raises(AppendUnknown) as info:
+                    await client.append_batch([b"only-once"])
+                assert "may or may not be committed" in str(info.value)
+                second.start()  # now two readers can make it durable
+                receipt = await client.retry(info.value, retries=10)
+                return receipt.first_seq, receipt.last_seq
+
+        first, last = trio.run(scenario)
+    finally:
+        cluster.stop()
+    assert first == last == 1
+    leader_entries = list(node.WALReader(cluster.leader.wal_dir).raw_entries())
+    assert [(s, p) for s, _, p in leader_entries] == [(1, b"only-once")]  # not appended twice
+
+
+def test_load_retries_record_attempts_and_never_duplicate(tmp_path):
+    cluster = LocalCluster(str(tmp_path / "c"), readers=1)
+    try:
+        cluster.leader.start()
+        wait_started(cluster.leader)
+        log = str(tmp_path / "h.jsonl")
+        load = subprocess.Popen(
+            walrep_command(
+                "load",
+                "--ingest",
+                cluster.ingest,
+                "--count",
+                "300",
+                "--batch",
+                "100",
+                "--inflight",
+                "1",
+                "--ack",
+                "replicas=1",
+                "--timeout",
+                "1",
+                "--retries",
+                "20",
+                "--log",
+                log,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # No reader yet: the first request goes unknown and is retried; then one starts.
+        wait_for(lambda: "reader-hello" not in cluster.leader.log_text(), 5, "no reader")
+        wait_for(lambda: _retried(cluster), 30, "a retry to reach the leader")
+        cluster.reader_nodes[0].start()
+        assert load.wait(timeout=120) == 0
+    finally:
+        cluster.stop()
+    records = history(log)
+    assert {r["outcome"] for r in records} == {"ok"}
+    assert max(r["attempts"] for r in records) > 1
+    seqs = [s for s, _, _ in node.WALReader(cluster.leader.wal_dir).raw_entries()]
+    assert seqs == list(range(1, 301))  # 300 entries, none appended twice
+    assert sorted(r["seq"] for r in records) == seqs
+
+
+def _retried(cluster) -> bool:
+    try:
+        return status_of(cluster)["leader"]["duplicate_requests"] > 0
+    except Exception:
+        return False
+
+
+# --- back-pressure --------------------------------------------------------------------------
+
+
+def test_full_queue_makes_clients_wait_or_refuses_nowait_and_counts_it(tmp_path):
+    cluster = LocalCluster(
+        str(tmp_path / "c"),
+        readers=0,
+        leader_extra=["--buffer-entries", "1"],
+        sync_mode="fsync",
+    )
+    try:
+        cluster.start()
+        wait_started(cluster.leader)
+        waited = cluster.load(3_000, "--batch", "1", "--inflight", "32", "--ack", "none")
+        assert waited.returncode == 0, waited.stderr  # everything accepted: clients waited
+        refused = cluster.load(
+            3_000, "--batch", "1", "--inflight", "32", "--ack", "none", "--nowait"
+        )
+        counters = status_of(cluster)["leader"]
+    finally:
+        cluster.stop()
+    assert counters["backpressure_waits"] > 0
+    assert counters["busy_refusals"] > 0
+    assert refused.returncode == 1 and "not acknowledged" in refused.stderr
+    held = node.WALReader(cluster.leader.wal_dir).bounds()[1]
+    assert held == 6_000 - counters["busy_refusals"]  # refused ones got no sequence
+
+
+# --- retention that follows the readers -----------------------------------------------------
+
+SMALL_SEGMENTS = ["--max-segment-bytes", "8192"]
+
+
+def segment_count(proc) -> int:
+    return len(node.WALReader(proc.wal_dir).segments())
+
+
+def test_segments_are_kept_for_a_stopped_reader_and_purged_once_it_catches_up(tmp_path):
+    cluster = LocalCluster(str(tmp_path / "c"), readers=2, leader_extra=SMALL_SEGMENTS)
+    try:
+        cluster.start()
+        wait_started(cluster.leader)
+        assert cluster.load(2_000, "--batch", "20").returncode == 0
+        cluster.wait_converged(timeout=60)
+        wait_for(lambda: segment_count(cluster.leader) <= 2, 30, "purge of replicated segments")
+        down = cluster.reader_nodes[1]
+        down.stop()
+        assert cluster.load(5_000, "--batch", "20").returncode == 0
+        # Kept for reader-2 across a leader restart too: positions are persisted.
+        assert cluster.leader.stop() == 0
+        cluster.leader.start()
+        wait_started(cluster.leader, 2)
+        kept = segment_count(cluster.leader)
+        assert kept > 20
+        first, _ = node.WALReader(cluster.leader.wal_dir).bounds()
+        assert first <= down.last_seq() + 1
+        down.start()
+        cluster.wait_converged(timeout=60)
+        wait_for(lambda: segment_count(cluster.leader) <= 2, 30, "purge after catch-up")
+    finally:
+        cluster.stop()
+
+
+def test_reader_past_the_bound_is_too_old_and_resync_recovers_it(tmp_path):
+    cluster = LocalCluster(
+        str(tmp_path / "c"),
+        readers=2,
+        leader_extra=[*SMALL_SEGMENTS, "--max-retained-bytes", "100000"],
+    )
+    late = cluster.reader_nodes[1]
+    try:
+        cluster.start()
+        wait_started(cluster.leader)
+        assert cluster.load(1_000, "--batch", "20").returncode == 0
+        cluster.wait_converged(timeout=60)
+        late.stop()
+        behind = late.last_seq()
+        assert cluster.load(10_000, "--batch", "20").returncode == 0
+        wait_for(
+            lambda: (node.WALReader(cluster.leader.wal_dir).bounds()[0] or 0) > behind + 1,
+            30,
+            "the bound to purge what reader-2 needs",
+        )
+        earliest = node.WALReader(cluster.leader.wal_dir).bounds()[0]
+        late.start()
+        code = wait_for(lambda: late.proc.poll(), 30, "reader-2 to stop")
+        assert code == 2
+        text = late.log_text()
+        assert "too-old" in text and str(behind + 1) in text and "--resync" in text
+        assert node.WALReader(late.wal_dir).bounds() == (1, behind)  # left untouched
+        resynced = cluster.make_reader("reader-2", "--resync")
+        cluster.reader_nodes[1] = resynced
+        resynced.start()
+        head = cluster.wait_converged(timeout=60)
+        first, last = node.WALReader(resynced.wal_dir).bounds()
+        assert last == head and first >= earliest
+        common = max(first, node.WALReader(cluster.leader.wal_dir).bounds()[0])
+        assert node.WALReader(resynced.wal_dir).digest(common, head) == node.WALReader(
+            cluster.leader.wal_dir
+        ).digest(common, head)
+    finally:
+        cluster.stop()
+
+
+def test_forget_reader_releases_what_a_dead_reader_pinned(tmp_path):
+    cluster = LocalCluster(str(tmp_path / "c"), readers=2, leader_extra=SMALL_SEGMENTS)
+    try:
+        cluster.start()
+        wait_started(cluster.leader)
+        assert cluster.load(1_000, "--batch", "20").returncode == 0
+        cluster.wait_converged(timeout=60)
+        dead = cluster.reader_nodes[1]
+        dead.kill()
+        assert cluster.load(5_000, "--batch", "20").returncode == 0
+        assert segment_count(cluster.leader) > 20
+        result = subprocess.run(
+            walrep_command("forget-reader", "reader-2", "--control", cluster.control),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "forgot reader-2" in result.stdout and "reader-1" in result.stdout
+        wait_for(lambda: segment_count(cluster.leader) <= 2, 30, "purge after forgetting")
+    finally:
+        cluster.stop()
+
+
+# --- log identity ------------------------------------------------------------------------
+
+
+def test_wiped_leader_gets_a_new_log_id_and_readers_refuse_it(cluster):
+    cluster.start()
+    wait_started(cluster.leader)
+    assert cluster.load(1_000).returncode == 0
+    cluster.wait_converged(timeout=60)
+    old_id = node.load_meta(cluster.leader.wal_dir)["log_id"]
+    assert cluster.leader.stop() == 0
+    shutil.rmtree(cluster.leader.wal_dir)
+    cluster.leader.start()
+    wait_started(cluster.leader, 2)
+    assert node.load_meta(cluster.leader.wal_dir)["log_id"] != old_id
+    for reader in cluster.reader_nodes:
+        assert wait_for(lambda r=reader: r.proc.poll(), 30, f"{reader.name} to refuse") == 2
+        assert "log-mismatch" in reader.log_text()
+        assert node.WALReader(reader.wal_dir).bounds() == (1, 1_000)
