@@ -207,6 +207,24 @@ def cmd_forget_reader(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import trio
+
+    from .admin import AdminError, status
+    from .statusview import render_table, script_view
+
+    try:
+        view = trio.run(status, args.control, args.timeout)
+    except AdminError as exc:
+        print(f"walrep status: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(script_view(view), indent=2))
+    else:
+        print(render_table(view))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="walrep", description="A replicated write-ahead log.")
     sub = parser.add_subparsers(
@@ -256,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("--timeout", type=float, default=10.0)
     forget.set_defaults(func=cmd_forget_reader)
+
+    status = sub.add_parser("status", help="every node's position, lag and state")
+    status.add_argument(
+        "--control", required=True, metavar="EP", help="the leader's control endpoint"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object with a nodes list")
+    status.add_argument("--timeout", type=float, default=10.0)
+    status.set_defaults(func=cmd_status)
 
     load = sub.add_parser("load", help="generate load against a leader")
     load.add_argument("--ingest", required=True, metavar="EP")

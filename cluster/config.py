@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class LeaderConfig:
     wal_dir: str = ""
+    id: str = "leader"
     ingest: str = "tcp://127.0.0.1:7100"
     publish: str = "tcp://127.0.0.1:7101"
     control: str = "tcp://127.0.0.1:7102"
@@ -40,6 +41,7 @@ class LeaderConfig:
     purge_without_readers: bool = False
     buffer_entries: int = 100_000
     max_segment_bytes: int = 64 * 1024 * 1024
+    metrics: str = ""  # HOST:PORT to serve Prometheus metrics on; empty: off
     log_json: bool = False
     log_level: str = "info"
     source: str = field(default="(flags)", repr=False)
@@ -56,6 +58,7 @@ class ReaderConfig:
     max_segment_bytes: int = 64 * 1024 * 1024
     receive_hwm: int = 10_000  # messages the SUB socket queues before it drops
     resync: bool = False
+    metrics: str = ""  # HOST:PORT to serve Prometheus metrics on; empty: off
     log_json: bool = False
     log_level: str = "info"
     source: str = field(default="(flags)", repr=False)
@@ -114,6 +117,12 @@ def check(config) -> None:
         fail("buffer_entries", "must be at least 1")
     if config.max_segment_bytes < 4096:
         fail("max_segment_bytes", "must be at least 4096")
+    if config.metrics:
+        host, _, port = config.metrics.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            fail("metrics", f"{config.metrics!r} is not HOST:PORT, like 127.0.0.1:9101")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        fail("log_level", f"{config.log_level!r} is not one of debug, info, warning, error")
     if isinstance(config, LeaderConfig):
         endpoints = {"ingest": config.ingest, "publish": config.publish, "control": config.control}
         if config.max_retained_bytes < 0:

@@ -27,6 +27,7 @@ from node.meta import load_meta, new_log_id, update_meta
 from . import protocol, wire, zmqtrio
 from .config import LeaderConfig, parse_ack
 from .logs import event
+from .metrics import NodeMetrics
 
 log = logging.getLogger("walrep.leader")
 
@@ -50,6 +51,7 @@ class _Waiter:
     last_seq: int
     replicas: int  # 0: durable on the leader; N: and on N readers
     since: float
+    ack_label: str
 
 
 class Leader:
@@ -86,6 +88,12 @@ class Leader:
             collections.OrderedDict()
         )
         self.protocol.restore(meta.get("readers", {}), time.monotonic(), time.time())
+        self.history = protocol.CommitHistory(head, time.monotonic())
+        self.peer_addresses: dict[bytes, str] = {}
+        self.refused_entries = 0  # too large, or busy: refused with no sequence
+        # Built in the trio thread (housekeeping) and read by the metrics thread.
+        self.metrics_snapshot: dict = {}
+        self.metrics = NodeMetrics("leader", self.writer, lambda: self.metrics_snapshot)
         self.saved_positions = self.protocol.positions(time.monotonic(), time.time())
 
     # --- running ---------------------------------------------------------------------
@@ -123,6 +131,9 @@ class Leader:
                 nursery.start_soon(self._control_loop)
                 nursery.start_soon(self._ingest_loop)
                 nursery.start_soon(self._housekeeping_loop)
+                if self.config.metrics:
+                    host, port = self.metrics.serve(self.config.metrics)
+                    self.endpoints["metrics"] = f"http://{host}:{port}/metrics"
                 event(
                     log,
                     "leader-started",
@@ -141,6 +152,7 @@ class Leader:
                 await trio.to_thread.run_sync(self.writer.close)
             for sock in (self.pub, self.control, self.ingest):
                 sock.close()
+            self.metrics.close()
             ctx.term()
             event(log, "leader-stopped", head=self.writer.committed_sequence())
 
@@ -160,6 +172,7 @@ class Leader:
             data = pieces[0].data if len(pieces) == 1 else b"".join(p.data for p in pieces)
             last = pieces[-1].last_seq
             self.protocol.on_commit(last)
+            self.history.record(last, len(data), time.monotonic())
             for piece_first, count, frames in fmt.split_frames(
                 data, first, wire.TARGET_BATCH_BYTES
             ):
@@ -188,6 +201,7 @@ class Leader:
     async def _housekeeping_loop(self) -> None:
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL_S)
+            self.metrics_snapshot = self._metrics_snapshot()
             await self._save_positions()
             await self.apply_retention()
 
@@ -252,15 +266,16 @@ class Leader:
 
     async def _control_loop(self) -> None:
         while True:
-            frames = await self.control.recv_multipart()
+            frames, address = await self.control.recv_multipart_with_peer()
             if len(frames) != 2:
-                self._reject(frames[0] if frames else b"", "expected [identity, message]")
+                self._reject(address, "control", "expected [identity, message]")
                 continue
             peer, data = frames
+            self.peer_addresses[peer] = address
             try:
                 message = wire.decode(data)
             except wire.BadMessage as exc:
-                self._reject(peer, str(exc))
+                self._reject(address, "control", str(exc))
                 await self._send_control(peer, wire.Refused("bad-request", str(exc)))
                 continue
             if isinstance(message, wire.Credit):
@@ -280,20 +295,155 @@ class Leader:
                 await self._resolve_waiters()
 
     def status(self) -> dict:
-        """The protocol's view (positions, lag) plus this node's counters."""
-        status = self.protocol.status(time.monotonic())
-        status["leader"] = {
-            "endpoints": self.endpoints,
-            "sync_mode": self.writer.sync_mode.value,
-            "durable_seq": self.durable,
-            "waiting_requests": len(self.waiters),
-            "backpressure_waits": self.backpressure_waits,
-            "busy_refusals": self.busy_refusals,
-            "duplicate_requests": self.duplicate_requests,
-            "rejected_messages": self.rejected_messages,
-            "wal": self.writer.stats().as_dict(),
+        """Every node as a row (leader first), with lag in entries, bytes and seconds."""
+        now = time.monotonic()
+        head = self.protocol.head
+        earliest = self.protocol.earliest
+        entries_rate, bytes_rate = self.history.rate(now)
+        retained = sum(_size(s.path) for s in self.writer.segments())
+        nodes = [
+            {
+                "id": self.config.id,
+                "role": "leader",
+                "state": "leading",
+                "address": self.endpoints.get("control", self.config.control),
+                "connected": True,
+                "applied_seq": head,
+                "durable_seq": self.durable,
+                "lag_entries": 0,
+                "lag_bytes": 0,
+                "lag_seconds": 0.0,
+                "last_contact_s_ago": 0.0,
+                "earliest_seq": earliest,
+                "retained_bytes": retained,
+            }
+        ]
+        for info in sorted(self.protocol.readers.values(), key=lambda r: r.reader_id):
+            lag_bytes, lag_seconds = self.history.lag(info.durable_seq, now)
+            silent_for = now - info.last_contact
+            connected = bool(info.peer) and silent_for < protocol.READER_SILENT_S
+            if info.durable_seq + 1 < earliest:
+                state = "too-old"
+            elif not connected:
+                state = "disconnected"
+            else:
+                state = info.state
+            nodes.append(
+                {
+                    "id": info.reader_id,
+                    "role": "reader",
+                    "state": state,
+                    "address": self.peer_addresses.get(info.peer, "unknown"),
+                    "connected": connected,
+                    "applied_seq": info.applied_seq,
+                    "durable_seq": info.durable_seq,
+                    "lag_entries": max(0, head - info.durable_seq),
+                    "lag_bytes": lag_bytes,
+                    "lag_seconds": round(lag_seconds, 3),
+                    "last_contact_s_ago": round(silent_for, 3),
+                    "time_until_too_old_s": self._time_until_too_old(
+                        lag_bytes, lag_seconds, bytes_rate, state
+                    ),
+                }
+            )
+        return {
+            "log_id": self.protocol.log_id,
+            "head_seq": head,
+            "earliest_seq": earliest,
+            "write_rate": {
+                "entries_per_s": round(entries_rate, 1),
+                "bytes_per_s": round(bytes_rate),
+            },
+            "nodes": nodes,
+            "leader": {
+                "endpoints": self.endpoints,
+                "sync_mode": self.writer.sync_mode.value,
+                "waiting_requests": len(self.waiters),
+                "backpressure_waits": self.backpressure_waits,
+                "busy_refusals": self.busy_refusals,
+                "duplicate_requests": self.duplicate_requests,
+                "rejected_messages": self.rejected_messages,
+                "max_retained_bytes": self.config.max_retained_bytes,
+                "max_retained_age_s": self.config.max_retained_age_s,
+                "wal": self.writer.stats().as_dict(),
+            },
         }
-        return status
+
+    def _metrics_snapshot(self) -> dict:
+        status = self.status()
+        readers = [n for n in status["nodes"] if n["role"] == "reader"]
+        return {
+            "plain": {
+                "walrep_head_sequence": ("gauge", "Last committed sequence", status["head_seq"]),
+                "walrep_earliest_sequence": (
+                    "gauge",
+                    "Earliest retained sequence",
+                    status["earliest_seq"],
+                ),
+                "walrep_refused_entries_total": (
+                    "counter",
+                    "Entries refused with no sequence (too large, busy)",
+                    self.refused_entries,
+                ),
+                "walrep_backpressure_waits_total": (
+                    "counter",
+                    "Appends that waited for room in the WAL queue",
+                    self.backpressure_waits,
+                ),
+                "walrep_rejected_messages_total": (
+                    "counter",
+                    "Malformed or unexpected messages from peers",
+                    self.rejected_messages,
+                ),
+                "walrep_duplicate_requests_total": (
+                    "counter",
+                    "Retried appends answered with their original sequences",
+                    self.duplicate_requests,
+                ),
+            },
+            "labelled": {
+                "walrep_reader_lag_entries": (
+                    "Entries a reader lacks durably",
+                    "reader",
+                    {n["id"]: n["lag_entries"] for n in readers},
+                ),
+                "walrep_reader_lag_bytes": (
+                    "Bytes a reader lacks durably",
+                    "reader",
+                    {n["id"]: n["lag_bytes"] for n in readers},
+                ),
+                "walrep_reader_lag_seconds": (
+                    "Seconds since the leader committed the oldest entry a reader lacks",
+                    "reader",
+                    {n["id"]: n["lag_seconds"] for n in readers},
+                ),
+                "walrep_reader_connected": (
+                    "1 if the reader was heard from recently",
+                    "reader",
+                    {n["id"]: int(n["connected"]) for n in readers},
+                ),
+            },
+        }
+
+    def _time_until_too_old(
+        self, lag_bytes: int, lag_seconds: float, bytes_rate: float, state: str
+    ) -> float | None:
+        """How long this reader can stay away before retention purges what it needs.
+
+        None when no bound applies (it is then kept for as long as the disk lasts).
+        """
+        if state == "too-old":
+            return 0.0
+        limits = []
+        if self.config.max_retained_bytes:
+            room = self.config.max_retained_bytes - lag_bytes
+            limits.append(float("inf") if bytes_rate <= 0 else max(0.0, room / bytes_rate))
+        if self.config.max_retained_age_s:
+            limits.append(max(0.0, self.config.max_retained_age_s - lag_seconds))
+        if not limits:
+            return None
+        value = min(limits)
+        return None if value == float("inf") else round(value, 1)
 
     async def _run_actions(self, actions) -> None:
         for action in actions:
@@ -306,9 +456,9 @@ class Leader:
         async with self.control_send_lock:
             await self.control.send_multipart([peer, wire.encode(message)])
 
-    def _reject(self, peer: bytes, why: str) -> None:
+    def _reject(self, address: str, socket: str, why: str) -> None:
         self.rejected_messages += 1
-        event(log, "bad-message", logging.WARNING, peer=peer.hex(), reason=why)
+        event(log, "bad-message", logging.WARNING, peer=address, socket=socket, reason=why)
 
     async def _serve_fetch(self, peer: bytes, request: wire.Fetch) -> None:
         """Stream a fetch from the WAL files, a chunk per credit, off the trio thread."""
@@ -364,9 +514,9 @@ class Leader:
 
     async def _ingest_loop(self) -> None:
         while True:
-            frames = await self.ingest.recv_multipart()
+            frames, address = await self.ingest.recv_multipart_with_peer()
             if len(frames) != 2:
-                self._reject(frames[0] if frames else b"", "expected [identity, message]")
+                self._reject(address, "ingest", "expected [identity, message]")
                 continue
             peer, data = frames
             try:
@@ -375,21 +525,23 @@ class Leader:
                     raise wire.BadMessage(f"{message.KIND} is not an ingest request")
                 replicas = parse_ack(message.ack or self.default_ack)
             except (wire.BadMessage, ValueError) as exc:
-                self._reject(peer, str(exc))
+                self._reject(address, "ingest", str(exc))
                 await self._reply(peer, wire.Refused("bad-request", str(exc)))
                 continue
             await self._append(peer, message, replicas)
 
     async def _append(self, peer: bytes, request: wire.Append, replicas: int | None) -> None:
+        received_at = time.monotonic()
         key = (request.client_id, request.request_id) if request.client_id else None
         if key is not None and key in self.recent_requests:
             # A retry: answer with the original sequences once the ack level holds for them.
             self.duplicate_requests += 1
             first, last = self.recent_requests[key]
-            await self._wait_for_level(peer, request.request_id, first, last, replicas)
+            await self._wait_for_level(peer, request.request_id, first, last, replicas, received_at)
             return
         for payload in request.payloads:
             if len(payload) > fmt.MAX_PAYLOAD_BYTES:
+                self.refused_entries += len(request.payloads)
                 refusal = wire.Refused(
                     "too-large",
                     f"payload of {len(payload)} bytes exceeds {fmt.MAX_PAYLOAD_BYTES}",
@@ -405,6 +557,7 @@ class Leader:
             except node.WALDropped as exc:
                 if request.nowait:
                     self.busy_refusals += 1
+                    self.refused_entries += len(request.payloads)
                     refusal = wire.Refused("busy", str(exc), request_id=request.request_id)
                     await self._reply(peer, refusal)
                     return
@@ -423,15 +576,23 @@ class Leader:
             self.recent_requests[key] = (first, last)
             if len(self.recent_requests) > DEDUP_REQUESTS:
                 self.recent_requests.popitem(last=False)
-        await self._wait_for_level(peer, request.request_id, first, last, replicas)
+        await self._wait_for_level(peer, request.request_id, first, last, replicas, received_at)
 
     async def _wait_for_level(
-        self, peer: bytes, request_id: int, first: int, last: int, replicas: int | None
+        self,
+        peer: bytes,
+        request_id: int,
+        first: int,
+        last: int,
+        replicas: int | None,
+        received_at: float,
     ) -> None:
         if replicas is None:
+            self.metrics.commit_latency.labels("none").observe(time.monotonic() - received_at)
             await self._reply(peer, wire.Appended(request_id, first, last))
             return
-        self.waiters.append(_Waiter(peer, request_id, first, last, replicas, time.monotonic()))
+        label = "local" if replicas == 0 else f"replicas={replicas}"
+        self.waiters.append(_Waiter(peer, request_id, first, last, replicas, received_at, label))
         if self.writer.sync_mode is node.SyncMode.ASYNC:
             self.writer.request_sync()
         await self._resolve_waiters()
@@ -454,7 +615,9 @@ class Leader:
             (ready if ok else still).append(waiter)
         # Settle the list before the first await: appends made while we send must stay.
         self.waiters = still
+        now = time.monotonic()
         for waiter in ready:
+            self.metrics.commit_latency.labels(waiter.ack_label).observe(now - waiter.since)
             reply = wire.Appended(waiter.request_id, waiter.first_seq, waiter.last_seq)
             await self._reply(waiter.peer, reply)
 

@@ -14,6 +14,7 @@ control channel while live batches wait in a bounded buffer.
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,10 @@ LIVE_BUFFER_BYTES = 64 * 1024 * 1024
 # Acks go out on every sync of the reader's WAL (that already batches them);
 # this only caps them when syncs come faster than the leader needs to hear.
 ACK_INTERVAL_S = 0.001
+# An idle reader still acks this often, so the leader can tell idle from gone.
+ACK_KEEPALIVE_S = 1.0
+# A reader not heard from for this long is shown as disconnected.
+READER_SILENT_S = 3 * ACK_KEEPALIVE_S
 
 
 class ReaderState(enum.StrEnum):
@@ -401,13 +406,14 @@ class ReaderProtocol:
         self.durable = max(self.durable, durable_seq)
         if self.needs_handshake() or self.state is ReaderState.FAILED:
             return []
-        if self.durable == self._acked:
+        since = now - self._last_ack_at
+        if self.durable == self._acked and since < ACK_KEEPALIVE_S:
             return []
-        if now - self._last_ack_at < ACK_INTERVAL_S and self.durable < self.leader_head:
+        if since < ACK_INTERVAL_S and self.durable < self.leader_head:
             return []
         self._acked = self.durable
         self._last_ack_at = now
-        return [Send(wire.Ack(self.reader_id, self.applied, self.durable))]
+        return [Send(wire.Ack(self.reader_id, self.applied, self.durable, self.state.value))]
 
 
 def _frames_hold(frames: bytes, count: int) -> bool:
@@ -429,6 +435,7 @@ class ReaderInfo:
     durable_seq: int
     last_contact: float
     connected_at: float
+    state: str = "unknown"  # as the reader last reported it
 
 
 class LeaderProtocol:
@@ -460,6 +467,8 @@ class LeaderProtocol:
                 info.durable_seq = max(info.durable_seq, message.durable_seq)
                 info.last_contact = now
                 info.peer = peer
+                if message.state is not None:
+                    info.state = message.state
             return []
         if isinstance(message, wire.StatusRequest):
             return [Send(wire.StatusReply(self.status(now)), peer)]
@@ -606,3 +615,67 @@ class FetchFlow:
 
     def add_credit(self, credit: int) -> None:
         self.credit = min(self.credit + credit, 64)
+
+
+class CommitHistory:
+    """Recent commits as (last_seq, cumulative bytes, time): lag in bytes and seconds.
+
+    Pure bookkeeping: the shell records each committed run with the time it saw
+    it; status asks how far behind a position is. Samples are thinned to one per
+    SAMPLE_EVERY_S, so a bounded ring covers the last several minutes.
+    """
+
+    SAMPLE_EVERY_S = 0.01
+    MAX_SAMPLES = 60_000
+
+    def __init__(self, head_seq: int, now: float):
+        self._samples: collections.deque[tuple[int, int, float]] = collections.deque(
+            maxlen=self.MAX_SAMPLES
+        )
+        self._bytes = 0
+        self._samples.append((head_seq, 0, now))
+
+    def record(self, last_seq: int, nbytes: int, now: float) -> None:
+        self._bytes += nbytes
+        sample = (last_seq, self._bytes, now)
+        if now - self._samples[-1][2] < self.SAMPLE_EVERY_S:
+            self._samples[-1] = (last_seq, self._bytes, self._samples[-1][2])
+        else:
+            self._samples.append(sample)
+
+    def _index_after(self, seq: int) -> int:
+        """Index of the earliest sample whose run holds sequences after seq."""
+        samples = self._samples
+        lo, hi = 0, len(samples)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if samples[mid][0] <= seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def lag(self, position: int, now: float) -> tuple[int, float]:
+        """(bytes, seconds) by which position trails the head; seconds since the leader
+        committed the oldest entry the position lacks (0 when it lacks nothing)."""
+        samples = self._samples
+        index = self._index_after(position)
+        if index >= len(samples):
+            return 0, 0.0
+        if index == 0:
+            # Behind everything recorded (entries from before this leader started, or
+            # older than the ring): bytes from the average entry size, time as a floor.
+            head_seq, total, _ = samples[-1]
+            recorded = head_seq - samples[0][0]
+            per_entry = total / recorded if recorded > 0 else 0.0
+            return int((head_seq - position) * per_entry), now - samples[0][2]
+        return self._bytes - samples[index - 1][1], now - samples[index][2]
+
+    def rate(self, now: float, window_s: float = 10.0) -> tuple[float, float]:
+        """(entries/s, bytes/s) over the last window_s."""
+        head_seq, total, _ = self._samples[-1]
+        for seq, nbytes, when in self._samples:
+            if now - when <= window_s:
+                span = max(now - when, 1e-6)
+                return (head_seq - seq) / span, (total - nbytes) / span
+        return 0.0, 0.0

@@ -24,6 +24,7 @@ from node.meta import load_meta, update_meta
 from . import protocol, wire, zmqtrio
 from .config import ReaderConfig
 from .logs import event
+from .metrics import NodeMetrics
 
 log = logging.getLogger("walrep.reader")
 
@@ -63,6 +64,9 @@ class Reader:
             self.writer.durable_sequence(),
         )
         self.state_changed = trio.Event()
+        self.behind_since: float | None = None  # when we last fell behind the leader's head
+        self.metrics_snapshot: dict = {}
+        self.metrics = NodeMetrics("reader", self.writer, lambda: self.metrics_snapshot)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         ctx = zmqtrio.new_context()
@@ -94,6 +98,9 @@ class Reader:
                 nursery.start_soon(self._control_loop)
                 nursery.start_soon(self._tick_loop)
                 nursery.start_soon(self._ack_loop)
+                if self.config.metrics:
+                    host, port = self.metrics.serve(self.config.metrics)
+                    event(log, "metrics-serving", address=f"http://{host}:{port}/metrics")
                 nursery.start_soon(self._handshake_loop)
                 event(
                     log,
@@ -109,6 +116,7 @@ class Reader:
                 await trio.to_thread.run_sync(self.writer.close)
             self.sub.close()
             self.dealer.close()
+            self.metrics.close()
             ctx.term()
             event(log, "reader-stopped", applied=self.writer.current_sequence())
 
@@ -151,7 +159,51 @@ class Reader:
             now = time.monotonic()
             await self._run(self.protocol.on_tick(now))
             await self._run(self.protocol.on_durable(self.writer.durable_sequence(), now))
+            behind = self.protocol.applied < self.protocol.leader_head
+            if not behind:
+                self.behind_since = None
+            elif self.behind_since is None:
+                self.behind_since = now
+            self.metrics_snapshot = self._metrics_snapshot(now)
             await trio.sleep(TICK_S)
+
+    def _metrics_snapshot(self, now: float) -> dict:
+        p = self.protocol
+        lag_seconds = 0.0 if self.behind_since is None else now - self.behind_since
+        return {
+            "plain": {
+                "walrep_lag_entries": (
+                    "gauge",
+                    "Entries the leader has announced that this reader lacks durably",
+                    max(0, p.leader_head - p.durable),
+                ),
+                "walrep_lag_seconds": (
+                    "gauge",
+                    "Seconds this reader has been behind the leader's head",
+                    lag_seconds,
+                ),
+                "walrep_gaps_detected_total": (
+                    "counter",
+                    "Gaps found in the stream",
+                    p.gaps_detected,
+                ),
+                "walrep_catchup_fetches_total": (
+                    "counter",
+                    "Fetches sent to the leader",
+                    p.fetches,
+                ),
+                "walrep_entries_fetched_total": (
+                    "counter",
+                    "Entries received by fetches",
+                    p.entries_fetched,
+                ),
+                "walrep_reconnects_total": (
+                    "counter",
+                    "Handshakes after losing the leader",
+                    p.reconnects,
+                ),
+            },
+        }
 
     async def _ack_loop(self) -> None:
         """Ack as soon as the local WAL syncs: replicas=N commits wait on this."""

@@ -228,11 +228,13 @@ class Ack(Message):
     reader_id: str
     applied_seq: int
     durable_seq: int
+    state: str | None = None  # the reader's own view: streaming, catching-up, ...
 
     def validate(self):
         _ident(self.reader_id, "reader_id")
         _seq(self.applied_seq, "applied_seq")
         _seq(self.durable_seq, "durable_seq")
+        _ident(self.state, "state", optional=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,6 +271,28 @@ class TrioSocket:
         """Receive one whole message as a list of frames, waiting if needed."""
         return await self._recv_with(self._try_recv_multipart)
 
+    async def recv_multipart_with_peer(self) -> tuple[list[bytes], str]:
+        """Receive one whole message and the address of the peer that sent it.
+
+        For logs and rejection counts: "which peer" should be an address an operator
+        recognises, not a routing id. TCP peers give "ip"; others give "unknown".
+        """
+        return await self._recv_with(self._try_recv_multipart_with_peer)
+
+    def _try_recv_multipart_with_peer(self) -> Any:
+        self._check_open()
+        try:
+            frames = self._sock.recv_multipart(_NOBLOCK, copy=False)
+        except zmq.Again:
+            self._recheck_events_after_call()
+            return _WOULD_BLOCK
+        self._recheck_events_after_call()
+        try:
+            peer = frames[-1].get("Peer-Address")
+        except (zmq.ZMQError, KeyError):
+            peer = "unknown"
+        return [frame.bytes for frame in frames], peer
+
     def _try_recv(self) -> Any:
         self._check_open()
         sock = self._sock

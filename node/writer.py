@@ -13,6 +13,7 @@ It never talks to the network; the cluster layer hangs replication off its hooks
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import enum
 import errno
@@ -37,6 +38,7 @@ DEFAULT_BUFFER_ENTRIES = 10_000
 # After a failed write (a full disk, say) the writer retries the same group this
 # often: the entries already have sequences, so they must go to disk in order.
 WRITE_RETRY_INTERVAL_S = 0.5
+SYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 _pack_header = fmt.ENTRY_HEADER.pack
 _crc32 = fmt.crc32
@@ -184,6 +186,10 @@ class Writer:
         self.dropped_entries = 0
         self.write_errors = 0
         self.last_sync_seconds = 0.0
+        # Sync latency as a histogram (upper bounds SYNC_BUCKETS_S, then +Inf), so a
+        # metrics layer can export it without hooking into every sync.
+        self.sync_bucket_counts = [0] * (len(SYNC_BUCKETS_S) + 1)
+        self.sync_seconds_sum = 0.0
         self.repairs: list[fmt.Problem] = []
 
         _ensure_private_dir(wal_dir)
@@ -651,7 +657,9 @@ class Writer:
             self._sync_file(self._fd)
         except OSError as exc:
             raise WALFailed(f"sync of {self.current_file()} failed: {exc}") from exc
-        self.last_sync_seconds = time.monotonic() - started
+        self.last_sync_seconds = elapsed = time.monotonic() - started
+        self.sync_seconds_sum += elapsed
+        self.sync_bucket_counts[bisect.bisect_left(SYNC_BUCKETS_S, elapsed)] += 1
         self.total_syncs += 1
         self._unsynced_bytes = 0
         self._sync_requested = False

@@ -25,6 +25,7 @@ import pytest
 from cluster import protocol, wire
 from cluster.protocol import (
     ACK_INTERVAL_S,
+    ACK_KEEPALIVE_S,
     FETCH_CREDIT,
     FETCH_STALL_S,
     HEARTBEAT_INTERVAL_S,
@@ -715,18 +716,25 @@ def test_a_real_reader_ahead_is_still_caught_after_a_reconnect():
     assert fail.code == "reader-ahead" and "5..10" in fail.message
 
 
-def test_acks_are_rate_limited():
+def test_acks_are_rate_limited_and_kept_alive():
     reader = ReaderProtocol(READER_ID, LOG_ID, 0, 0)
     assert reader.on_durable(0, 0.0) == []  # no ack before the handshake
     welcomed(reader, head=100)
-    assert sends(reader.on_durable(10, 1.0)) == [wire.Ack(READER_ID, 0, 10)]
+
+    def acked(actions):
+        return [(m.durable_seq, m.state) for m in sends(actions)]
+
+    assert acked(reader.on_durable(10, 1.0)) == [(10, "catching-up")]
     assert reader.on_durable(10, 1.5) == []  # nothing new
     assert reader.on_durable(20, 1.0 + ACK_INTERVAL_S / 2) == []  # too soon
-    assert sends(reader.on_durable(20, 1.0 + 2 * ACK_INTERVAL_S)) == [wire.Ack(READER_ID, 0, 20)]
+    assert acked(reader.on_durable(20, 1.0 + 2 * ACK_INTERVAL_S)) == [(20, "catching-up")]
     # Caught up with the leader's head: acked at once, rate limit or not.
-    assert sends(reader.on_durable(100, 1.0 + 2 * ACK_INTERVAL_S + ACK_INTERVAL_S / 4)) == [
-        wire.Ack(READER_ID, 0, 100)
+    assert acked(reader.on_durable(100, 1.0 + 2 * ACK_INTERVAL_S + ACK_INTERVAL_S / 4)) == [
+        (100, "catching-up")
     ]
+    # Idle, the reader still says it is alive once per keepalive interval.
+    assert reader.on_durable(100, 2.0) == []
+    assert acked(reader.on_durable(100, 2.0 + ACK_KEEPALIVE_S)) == [(100, "catching-up")]
 
 
 # --- direct tests: the leader --------------------------------------------------------------
