@@ -225,6 +225,66 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXIT_DIFFER = 1
+EXIT_VERIFY_ERROR = 2
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import trio
+
+    from .progress import Progress
+    from .verify import VerifyError, verify
+
+    for spec in (args.a, args.b):
+        if not spec.startswith("tcp://") and not os.path.isdir(spec):
+            print(f"walrep verify: {spec}: not a WAL directory or tcp:// endpoint", file=sys.stderr)
+            return EXIT_VERIFY_ERROR
+    progress = Progress("verify", total=None)
+    try:
+        report = trio.run(
+            verify, args.a, args.b, args.from_seq, args.to_seq, args.timeout, progress.update
+        )
+    except VerifyError as exc:
+        progress.done()
+        print(f"walrep verify: {exc}", file=sys.stderr)
+        return EXIT_VERIFY_ERROR
+    progress.done()
+    if args.json:
+        print(json.dumps(report.__dict__))
+    else:
+        print(report.text())
+    return EXIT_OK if report.equal else EXIT_DIFFER
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    role = args.role or _guess_role(args.file)
+    cls = configmod.LeaderConfig if role == "leader" else configmod.ReaderConfig
+    try:
+        config = configmod.load(cls, args.file, {})
+    except configmod.ConfigError as exc:
+        print(f"walrep check-config: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{args.file}: a valid {role} config")
+    for key in configmod.key_names(cls):
+        print(f"  {key} = {getattr(config, key)!r}")
+    return EXIT_OK
+
+
+def _guess_role(path: str) -> str:
+    """A file with reader-only keys is a reader's; otherwise a leader's."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            keys = set(tomllib.load(f))
+    except (OSError, tomllib.TOMLDecodeError):
+        return "leader"  # load() will report the file's problem
+    reader_only = set(configmod.key_names(configmod.ReaderConfig)) - set(
+        configmod.key_names(configmod.LeaderConfig)
+    )
+    return "reader" if keys & reader_only else "leader"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="walrep", description="A replicated write-ahead log.")
     sub = parser.add_subparsers(
@@ -274,6 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("--timeout", type=float, default=10.0)
     forget.set_defaults(func=cmd_forget_reader)
+
+    verify = sub.add_parser(
+        "verify", help="are two logs the same over a range, and where do they first differ"
+    )
+    verify.usage_exit_status = EXIT_VERIFY_ERROR
+    verify.add_argument(
+        "a", metavar="A", help="a WAL directory or a node's tcp:// control endpoint"
+    )
+    verify.add_argument("b", metavar="B")
+    verify.add_argument("--from-seq", type=_positive_int, default=None, metavar="N")
+    verify.add_argument("--to-seq", type=_positive_int, default=None, metavar="M")
+    verify.add_argument("--timeout", type=float, default=30.0)
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_verify)
+
+    check = sub.add_parser("check-config", help="check a leader or reader config file")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument(
+        "--role",
+        choices=["leader", "reader"],
+        default=None,
+        help="default: reader if the file has reader keys (id, leader_*)",
+    )
+    check.set_defaults(func=cmd_check_config)
 
     status = sub.add_parser("status", help="every node's position, lag and state")
     status.add_argument(

@@ -57,6 +57,10 @@ class ReaderConfig:
     buffer_entries: int = 100_000
     max_segment_bytes: int = 64 * 1024 * 1024
     receive_hwm: int = 10_000  # messages the SUB socket queues before it drops
+    # Optional: bind a control endpoint answering walrep verify / walrep status.
+    control: str = ""
+    # Seconds between background comparisons with the leader (0 = off).
+    anti_entropy_interval_s: float = 30.0
     resync: bool = False
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics on; empty: off
     log_json: bool = False
@@ -142,6 +146,10 @@ def check(config) -> None:
             "leader_publish": config.leader_publish,
             "leader_control": config.leader_control,
         }
+        if config.control:
+            endpoints["control"] = config.control
+        if config.anti_entropy_interval_s < 0:
+            fail("anti_entropy_interval_s", "must be 0 (off) or more")
         if config.receive_hwm < 0:
             fail("receive_hwm", "must be 0 (no limit) or more")
     seen: dict[tuple[str, int], str] = {}

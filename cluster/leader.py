@@ -28,6 +28,7 @@ from . import protocol, wire, zmqtrio
 from .config import LeaderConfig, parse_ack
 from .logs import event
 from .metrics import NodeMetrics
+from .verify import digest_reply
 
 log = logging.getLogger("walrep.leader")
 
@@ -287,6 +288,9 @@ class Leader:
             if isinstance(message, wire.StatusRequest):
                 await self._send_control(peer, wire.StatusReply(self.status()))
                 continue
+            if isinstance(message, wire.DigestRequest):
+                self.nursery.start_soon(self._answer_digest, peer, message)
+                continue
             actions = self.protocol.on_control(peer, message, time.monotonic())
             await self._run_actions(actions)
             if isinstance(message, wire.Fetch) and not actions:
@@ -455,6 +459,12 @@ class Leader:
     async def _send_control(self, peer: bytes, message: wire.Message) -> None:
         async with self.control_send_lock:
             await self.control.send_multipart([peer, wire.encode(message)])
+
+    async def _answer_digest(self, peer: bytes, request: wire.DigestRequest) -> None:
+        reply = await trio.to_thread.run_sync(
+            digest_reply, self.config.wal_dir, request, self.protocol.head
+        )
+        await self._send_control(peer, reply)
 
     def _reject(self, address: str, socket: str, why: str) -> None:
         self.rejected_messages += 1

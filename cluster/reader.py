@@ -8,6 +8,7 @@ jitter); a refusal that would mix histories stops the reader with exit status 2.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -25,10 +26,13 @@ from . import protocol, wire, zmqtrio
 from .config import ReaderConfig
 from .logs import event
 from .metrics import NodeMetrics
+from .verify import DirSource, VerifyError, compare, digest_reply
 
 log = logging.getLogger("walrep.reader")
 
 TICK_S = 0.05
+ANTI_ENTROPY_ENTRIES = 10_000  # entries compared with the leader per background pass
+ANTI_ENTROPY_TIMEOUT_S = 10.0
 HANDSHAKE_WAIT_S = 1.0  # how long one hello waits for its welcome before the next try
 EXIT_REFUSED = 2
 
@@ -55,7 +59,9 @@ class Reader:
             sync_mode=config.sync_mode,
             buffer_entries=config.buffer_entries,
             max_size_bytes=config.max_segment_bytes,
+            repair="cut",  # self-healing: damage is cut off and fetched again
         )
+        _report_self_heal(self.writer)
         meta = load_meta(config.wal_dir)
         self.protocol = protocol.ReaderProtocol(
             config.id,
@@ -65,6 +71,10 @@ class Reader:
         )
         self.state_changed = trio.Event()
         self.behind_since: float | None = None  # when we last fell behind the leader's head
+        self.digest_waiters: dict[int, trio.MemorySendChannel] = {}
+        self.control_socket = None
+        self.divergences = 0
+        self.anti_entropy_checked = 0
         self.metrics_snapshot: dict = {}
         self.metrics = NodeMetrics("reader", self.writer, lambda: self.metrics_snapshot)
 
@@ -98,6 +108,12 @@ class Reader:
                 nursery.start_soon(self._control_loop)
                 nursery.start_soon(self._tick_loop)
                 nursery.start_soon(self._ack_loop)
+                if self.config.anti_entropy_interval_s > 0:
+                    nursery.start_soon(self._anti_entropy_loop)
+                if self.config.control:
+                    self.control_socket = zmqtrio.make_socket(ctx, zmqtrio.ROUTER)
+                    self.control_socket.bind(self.config.control)
+                    await nursery.start(self._serve_control)
                 if self.config.metrics:
                     host, port = self.metrics.serve(self.config.metrics)
                     event(log, "metrics-serving", address=f"http://{host}:{port}/metrics")
@@ -116,6 +132,8 @@ class Reader:
                 await trio.to_thread.run_sync(self.writer.close)
             self.sub.close()
             self.dealer.close()
+            if self.control_socket is not None:
+                self.control_socket.close()
             self.metrics.close()
             ctx.term()
             event(log, "reader-stopped", applied=self.writer.current_sequence())
@@ -152,7 +170,102 @@ class Reader:
                     reason=str(exc),
                 )
                 continue
+            if isinstance(message, wire.DigestReply):
+                channel = self.digest_waiters.get(message.request_id)
+                if channel is not None:
+                    channel.send_nowait(message)
+                continue
             await self._run(self.protocol.on_control(message, time.monotonic()))
+
+    # --- anti-entropy and the reader's own control endpoint -------------------------
+
+    async def _anti_entropy_loop(self) -> None:
+        """Now and then compare a window of what we applied with the leader's digest.
+
+        Slow and bounded on purpose (one window of ANTI_ENTROPY_ENTRIES per interval):
+        it is a background check that the two histories agree, not a resync.
+        """
+        leader = _LeaderDigests(self)
+        local = DirSource(self.config.wal_dir)
+        cursor = None
+        while True:
+            await trio.sleep(self.config.anti_entropy_interval_s)
+            if self.protocol.needs_handshake():
+                continue
+            first, _ = await local.bounds()
+            durable = self.writer.durable_sequence()
+            if first is None or durable < first:
+                continue
+            if cursor is None or cursor < first or cursor > durable:
+                cursor = first
+            end = min(durable, cursor + ANTI_ENTROPY_ENTRIES - 1)
+            try:
+                report = await compare(local, leader, cursor, end)
+            except VerifyError as exc:
+                event(log, "anti-entropy-skipped", logging.WARNING, reason=str(exc))
+                continue
+            self.anti_entropy_checked += end - cursor + 1
+            if report.first_difference is not None:
+                self.divergences += 1
+                event(
+                    log,
+                    "DIVERGENCE",
+                    logging.ERROR,
+                    seq=report.first_difference,
+                    checked=f"{cursor}..{end}",
+                    leader=self.config.leader_control,
+                    what="this reader's entry differs from the leader's: the logs are not the "
+                    "same history; stop using this reader and resync it (--resync)",
+                )
+            cursor = end + 1
+
+    async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Answer digest and status requests (walrep verify, walrep status) on `control`."""
+        task_status.started()
+        while True:
+            frames, address = await self.control_socket.recv_multipart_with_peer()
+            if len(frames) != 2:
+                continue
+            peer, data = frames
+            try:
+                message = wire.decode(data)
+            except wire.BadMessage as exc:
+                event(log, "bad-message", logging.WARNING, peer=address, reason=str(exc))
+                reply = wire.Refused("bad-request", str(exc))
+            else:
+                if isinstance(message, wire.DigestRequest):
+                    reply = await trio.to_thread.run_sync(
+                        digest_reply,
+                        self.config.wal_dir,
+                        message,
+                        self.writer.durable_sequence(),
+                    )
+                elif isinstance(message, wire.StatusRequest):
+                    reply = wire.StatusReply(self.status())
+                else:
+                    reply = wire.Refused("bad-request", f"{message.KIND} is not served here")
+            await self.control_socket.send_multipart([peer, wire.encode(reply)])
+
+    def status(self) -> dict:
+        p = self.protocol
+        durable = self.writer.durable_sequence()
+        return {
+            "nodes": [
+                {
+                    "id": self.config.id,
+                    "role": "reader",
+                    "state": p.state.value,
+                    "address": self.config.control,
+                    "connected": not p.needs_handshake(),
+                    "applied_seq": p.applied,
+                    "durable_seq": durable,
+                    "lag_entries": max(0, p.leader_head - durable),
+                    "leader": self.config.leader_control,
+                    "divergences": self.divergences,
+                    "anti_entropy_checked": self.anti_entropy_checked,
+                }
+            ]
+        }
 
     async def _tick_loop(self) -> None:
         while True:
@@ -201,6 +314,11 @@ class Reader:
                     "counter",
                     "Handshakes after losing the leader",
                     p.reconnects,
+                ),
+                "walrep_divergences_total": (
+                    "counter",
+                    "Background checks that found this log differs from the leader's",
+                    self.divergences,
                 ),
             },
         }
@@ -279,6 +397,50 @@ class Reader:
     async def _send(self, message: wire.Message) -> None:
         async with self.send_lock:
             await self.dealer.send(wire.encode(message))
+
+
+class _LeaderDigests:
+    """The leader as a verify.LogSource, asked over the reader's own DEALER."""
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+        self.name = reader.config.leader_control
+        self._ids = itertools.count(1 << 40)  # apart from any other request ids
+
+    async def _ask(self, from_seq: int, to_seq: int) -> wire.DigestReply:
+        request_id = next(self._ids)
+        channel_in, channel_out = trio.open_memory_channel(1)
+        self.reader.digest_waiters[request_id] = channel_in
+        try:
+            with trio.move_on_after(ANTI_ENTROPY_TIMEOUT_S):
+                await self.reader._send(wire.DigestRequest(request_id, from_seq, to_seq))
+                return await channel_out.receive()
+            raise VerifyError(f"no digest from {self.name} within {ANTI_ENTROPY_TIMEOUT_S} s")
+        finally:
+            del self.reader.digest_waiters[request_id]
+
+    async def bounds(self):
+        reply = await self._ask(1, 1)
+        return reply.first_seq, reply.last_seq
+
+    async def digest(self, from_seq: int, to_seq: int) -> str | None:
+        return (await self._ask(from_seq, to_seq)).digest
+
+
+def _report_self_heal(writer: node.Writer) -> None:
+    """Log each repair the writer made on open: the entries from there are refetched."""
+    for problem in writer.repairs:
+        event(
+            log,
+            "self-healed",
+            logging.WARNING,
+            file=problem.file,
+            offset=problem.offset,
+            sequence=problem.sequence,
+            problem=problem.kind,
+            detail=problem.detail,
+            refetch_from=writer.current_sequence() + 1,
+        )
 
 
 def _discard_log(wal_dir: str) -> None:

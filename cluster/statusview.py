@@ -58,6 +58,8 @@ def render_table(status: dict[str, Any]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+    if "write_rate" not in status:
+        return "\n".join(lines)  # a reader's own status: no log-wide footer
     rate = status["write_rate"]
     leader = status["nodes"][0]
     lines.append("")
@@ -71,11 +73,5 @@ def render_table(status: dict[str, Any]) -> str:
 
 def script_view(status: dict[str, Any]) -> dict[str, Any]:
     """The JSON printed by --json: stable keys for scripts."""
-    return {
-        "log_id": status["log_id"],
-        "head_seq": status["head_seq"],
-        "earliest_seq": status["earliest_seq"],
-        "write_rate": status["write_rate"],
-        "nodes": status["nodes"],
-        "leader": status["leader"],
-    }
+    keys = ("log_id", "head_seq", "earliest_seq", "write_rate", "nodes", "leader")
+    return {key: status[key] for key in keys if key in status}

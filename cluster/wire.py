@@ -301,6 +301,44 @@ class ForgetReader(Message):
         _ident(self.reader_id, "reader_id")
 
 
+@dataclass(frozen=True, slots=True)
+class DigestRequest(Message):
+    """Anyone -> a node (control): the digest of my entries from_seq..to_seq, please."""
+
+    KIND: ClassVar[str] = "digest"
+    request_id: int
+    from_seq: int
+    to_seq: int
+
+    def validate(self):
+        _seq(self.request_id, "request_id")
+        _seq(self.from_seq, "from_seq")
+        _seq(self.to_seq, "to_seq")
+        if self.from_seq < 1 or self.to_seq < self.from_seq:
+            raise BadMessage(f"bad range {self.from_seq}..{self.to_seq}")
+
+
+@dataclass(frozen=True, slots=True)
+class DigestReply(Message):
+    """digest is None when the node does not hold the whole range (first/last say what)."""
+
+    KIND: ClassVar[str] = "digest-reply"
+    request_id: int
+    from_seq: int
+    to_seq: int
+    digest: str | None
+    first_seq: int | None
+    last_seq: int | None
+
+    def validate(self):
+        _seq(self.request_id, "request_id")
+        _seq(self.from_seq, "from_seq")
+        _seq(self.to_seq, "to_seq")
+        _check(self.digest, str, "digest", optional=True)
+        _seq(self.first_seq, "first_seq", optional=True)
+        _seq(self.last_seq, "last_seq", optional=True)
+
+
 KINDS: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -318,6 +356,8 @@ KINDS: dict[str, type[Message]] = {
         Append,
         Appended,
         ForgetReader,
+        DigestRequest,
+        DigestReply,
     )
 }
 

@@ -45,6 +45,9 @@ SAMPLES: list[wire.Message] = [
     wire.Append(11, [b"y"], client_id="client-7", nowait=True),
     wire.Appended(9, 100, 102),
     wire.ForgetReader("reader-2"),
+    wire.DigestRequest(3, 1, 100),
+    wire.DigestReply(3, 1, 100, "00ff", 1, 100),
+    wire.DigestReply(4, 1, 100, None, None, None),
 ]
 
 
