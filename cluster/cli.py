@@ -81,8 +81,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
     else:
         entries = reader.entries(args.from_seq or 1, args.to_seq)
     out = sys.stdout
+    from .progress import Progress
+
+    # Progress on stderr only when both are terminals' business: not into a pipe's data.
+    progress = Progress("dump", total=reader.bounds()[1] if os.path.isdir(path) else None)
+    if out.isatty():
+        progress.enabled = False  # the entries themselves are on the terminal
     try:
-        for entry in entries:
+        for count, entry in enumerate(entries):
+            if count % 10_000 == 0 and entry.seq is not None:
+                progress.update(entry.seq)
             if args.json:
                 line = json.dumps(entry_as_json(entry), default=_json_default, ensure_ascii=False)
             else:
@@ -91,6 +99,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"walrep dump: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        progress.done()
     return EXIT_DAMAGED if problems else EXIT_OK
 
 

@@ -26,6 +26,7 @@ from . import protocol, wire, zmqtrio
 from .config import ReaderConfig
 from .logs import event
 from .metrics import NodeMetrics
+from .progress import Progress
 from .verify import DirSource, VerifyError, compare, digest_reply
 
 log = logging.getLogger("walrep.reader")
@@ -73,6 +74,7 @@ class Reader:
         self.behind_since: float | None = None  # when we last fell behind the leader's head
         self.digest_waiters: dict[int, trio.MemorySendChannel] = {}
         self.control_socket = None
+        self.catch_up: Progress | None = None  # shown on a terminal for a large gap
         self.divergences = 0
         self.anti_entropy_checked = 0
         self.metrics_snapshot: dict = {}
@@ -371,6 +373,11 @@ class Reader:
         for action in actions:
             if isinstance(action, protocol.AppendRun):
                 await self._append(action)
+                if self.catch_up is not None:
+                    self.catch_up.update(self.protocol.applied)
+                    if self.protocol.applied >= self.catch_up.total:
+                        self.catch_up.done()
+                        self.catch_up = None
             elif isinstance(action, protocol.Send):
                 await self._send(action.message)
             elif isinstance(action, protocol.StartLog):
@@ -382,6 +389,10 @@ class Reader:
                 raise ReaderStopped(action.code, action.message)
             elif isinstance(action, protocol.Note):
                 event(log, action.event, **action.fields)
+                if action.event == "gap" and action.fields["to"] - action.fields["from"] > 100_000:
+                    self.catch_up = Progress(
+                        "catching up", total=action.fields["to"], start=action.fields["from"]
+                    )
         self.state_changed.set()
 
     async def _append(self, run: protocol.AppendRun) -> None:

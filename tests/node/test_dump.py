@@ -83,3 +83,34 @@ def test_missing_path_and_bad_usage_exit_1(tmp_path, capsys):
         assert exc.code == 1
     else:
         raise AssertionError("bad usage must exit")
+
+
+def test_progress_goes_to_a_terminal_and_never_into_scripts(tmp_path):
+    import pty
+    import select
+    import subprocess
+
+    from cluster.procs import walrep_command
+
+    wal_dir = str(tmp_path / "big")
+    with node.Writer(wal_dir) as w:
+        w.append_batch([b"p" * 20] * 30_000)
+    with open(tmp_path / "out.txt", "w") as out:
+        quiet = subprocess.run(
+            walrep_command("dump", wal_dir), stdout=out, stderr=subprocess.PIPE, timeout=60
+        )
+    assert quiet.returncode == 0 and quiet.stderr == b""  # stderr not a terminal: silent
+    controller, terminal = pty.openpty()
+    try:
+        with open(tmp_path / "out2.txt", "w") as out:
+            shown = subprocess.run(
+                walrep_command("dump", wal_dir), stdout=out, stderr=terminal, timeout=60
+            )
+        assert shown.returncode == 0
+        seen = b""
+        while select.select([controller], [], [], 0.5)[0]:
+            seen += os.read(controller, 4096)
+        assert b"dump: " in seen and b"of 30,000" in seen
+    finally:
+        os.close(controller)
+        os.close(terminal)
