@@ -6,16 +6,18 @@ from typing import Any
 
 import trio
 
-from . import wire, zmqtrio
+from . import security, wire, zmqtrio
 
 
 class AdminError(Exception):
     pass
 
 
-async def request(control: str, message: wire.Message, timeout: float) -> wire.Message:
+async def request(
+    control: str, message: wire.Message, timeout: float, keys: security.ClientKeys | None = None
+) -> wire.Message:
     ctx = zmqtrio.new_context()
-    sock = zmqtrio.make_socket(ctx, zmqtrio.DEALER)
+    sock = zmqtrio.make_socket(ctx, zmqtrio.DEALER, options=keys.options() if keys else None)
     try:
         sock.connect(control)
         with trio.move_on_after(timeout):
@@ -30,15 +32,15 @@ async def request(control: str, message: wire.Message, timeout: float) -> wire.M
         ctx.term()
 
 
-async def forget_reader(control: str, reader_id: str, timeout: float) -> dict[str, Any]:
-    reply = await request(control, wire.ForgetReader(reader_id), timeout)
+async def forget_reader(control: str, reader_id: str, timeout: float, keys=None) -> dict[str, Any]:
+    reply = await request(control, wire.ForgetReader(reader_id), timeout, keys)
     if not isinstance(reply, wire.StatusReply):
         raise AdminError(f"{control} answered {reply.KIND}: {getattr(reply, 'message', '')}")
     return reply.status
 
 
-async def status(control: str, timeout: float) -> dict[str, Any]:
-    reply = await request(control, wire.StatusRequest(), timeout)
+async def status(control: str, timeout: float, keys=None) -> dict[str, Any]:
+    reply = await request(control, wire.StatusRequest(), timeout, keys)
     if not isinstance(reply, wire.StatusReply):
         raise AdminError(f"{control} answered {reply.KIND}")
     return reply.status

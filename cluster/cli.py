@@ -180,7 +180,9 @@ def cmd_append(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
     async def run() -> int:
-        async with open_client(args.ingest, timeout=args.timeout, ack=args.ack) as client:
+        async with open_client(
+            args.ingest, timeout=args.timeout, ack=args.ack, keys=args.keys
+        ) as client:
             return await client.append_records(
                 records, database=args.database, retries=args.retries
             )
@@ -208,7 +210,7 @@ def cmd_forget_reader(args: argparse.Namespace) -> int:
     from .admin import AdminError, forget_reader
 
     try:
-        status = trio.run(forget_reader, args.control, args.reader_id, args.timeout)
+        status = trio.run(forget_reader, args.control, args.reader_id, args.timeout, args.keys)
     except AdminError as exc:
         print(f"walrep forget-reader: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -224,7 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .statusview import render_table, script_view
 
     try:
-        view = trio.run(status, args.control, args.timeout)
+        view = trio.run(status, args.control, args.timeout, args.keys)
     except AdminError as exc:
         print(f"walrep status: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -252,7 +254,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     progress = Progress("verify", total=None)
     try:
         report = trio.run(
-            verify, args.a, args.b, args.from_seq, args.to_seq, args.timeout, progress.update
+            verify,
+            args.a,
+            args.b,
+            args.from_seq,
+            args.to_seq,
+            args.timeout,
+            progress.update,
+            args.keys,
         )
     except VerifyError as exc:
         progress.done()
@@ -295,6 +304,26 @@ def _guess_role(path: str) -> str:
     return "reader" if keys & reader_only else "leader"
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .security import keygen
+
+    try:
+        key_path, pub_path = keygen(args.prefix)
+    except FileExistsError as exc:
+        print(f"walrep keygen: {exc.filename} exists; not overwriting a key", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"secret key: {key_path} (mode 600, keep it on this host)")
+    print(f"public key: {pub_path} (copy it into the leader's allow list)")
+    return EXIT_OK
+
+
+def _key_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", default=None, metavar="FILE", help="this side's secret key")
+    parser.add_argument(
+        "--leader-key", default=None, metavar="FILE", help="the leader's public key (.pub)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="walrep", description="A replicated write-ahead log.")
     sub = parser.add_subparsers(
@@ -333,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resend on an unknown outcome, up to N times (no duplicates)",
     )
     append.add_argument("json", help="one JSON object, or a list of them")
+    _key_flags(append)
     append.set_defaults(func=cmd_append)
 
     forget = sub.add_parser(
@@ -343,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--control", required=True, metavar="EP", help="the leader's control endpoint"
     )
     forget.add_argument("--timeout", type=float, default=10.0)
+    _key_flags(forget)
     forget.set_defaults(func=cmd_forget_reader)
 
     verify = sub.add_parser(
@@ -357,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--to-seq", type=_positive_int, default=None, metavar="M")
     verify.add_argument("--timeout", type=float, default=30.0)
     verify.add_argument("--json", action="store_true")
+    _key_flags(verify)
     verify.set_defaults(func=cmd_verify)
 
     check = sub.add_parser("check-config", help="check a leader or reader config file")
@@ -369,12 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check_config)
 
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair: PREFIX.key and PREFIX.pub")
+    keygen.add_argument("prefix", metavar="PREFIX")
+    keygen.set_defaults(func=cmd_keygen)
+
     status = sub.add_parser("status", help="every node's position, lag and state")
     status.add_argument(
         "--control", required=True, metavar="EP", help="the leader's control endpoint"
     )
     status.add_argument("--json", action="store_true", help="one JSON object with a nodes list")
     status.add_argument("--timeout", type=float, default=10.0)
+    _key_flags(status)
     status.set_defaults(func=cmd_status)
 
     load = sub.add_parser("load", help="generate load against a leader")
@@ -408,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--log", default=None, metavar="FILE", help="one JSON line per entry")
     load.add_argument("--summary", default=None, metavar="FILE", help="totals as JSON")
+    _key_flags(load)
     load.set_defaults(func=cmd_load)
     return parser
 
@@ -425,6 +463,14 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "leader_key") and args.command not in ("reader",):
+        from .security import KeyFileError, load_client_keys
+
+        try:
+            args.keys = load_client_keys(args.key, args.leader_key)
+        except KeyFileError as exc:
+            print(f"walrep {args.command}: {exc}", file=sys.stderr)
+            return EXIT_VERIFY_ERROR if args.command == "verify" else EXIT_ERROR
     try:
         return args.func(args)
     except configmod.ConfigError as exc:

@@ -22,7 +22,7 @@ import trio
 
 from node import format as fmt
 
-from . import wire, zmqtrio
+from . import security, wire, zmqtrio
 
 
 class ClientError(Exception):
@@ -173,10 +173,15 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 @asynccontextmanager
 async def open_client(
-    endpoint: str, *, timeout: float = 10.0, ack: str | None = None
+    endpoint: str,
+    *,
+    timeout: float = 10.0,
+    ack: str | None = None,
+    keys: security.ClientKeys | None = None,
 ) -> AsyncIterator[Client]:
+    """A client of the leader's ingest endpoint; keys (CURVE) when the leader has them."""
     ctx = zmqtrio.new_context()
-    socket = zmqtrio.make_socket(ctx, zmqtrio.DEALER)
+    socket = zmqtrio.make_socket(ctx, zmqtrio.DEALER, options=keys.options() if keys else None)
     try:
         socket.connect(endpoint)
         client = Client(socket, timeout, ack)

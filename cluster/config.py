@@ -39,6 +39,13 @@ class LeaderConfig:
     max_retained_age_s: float = 0.0
     # With no reader known, keep everything (false) or only the active segment (true).
     purge_without_readers: bool = False
+    # CURVE: the leader's secret key file, and the public keys allowed to connect
+    # (a .pub file or a directory of them): readers on publish/control, clients on
+    # ingest. Without keys the leader binds loopback only, unless insecure = true.
+    key: str = ""
+    allow_readers: str = ""
+    allow_clients: str = ""
+    insecure: bool = False
     buffer_entries: int = 100_000
     max_segment_bytes: int = 64 * 1024 * 1024
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics on; empty: off
@@ -61,6 +68,9 @@ class ReaderConfig:
     control: str = ""
     # Seconds between background comparisons with the leader (0 = off).
     anti_entropy_interval_s: float = 30.0
+    key: str = ""  # this reader's secret key file (CURVE)
+    leader_key: str = ""  # the leader's public key file
+    insecure: bool = False
     resync: bool = False
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics on; empty: off
     log_json: bool = False
@@ -152,6 +162,7 @@ def check(config) -> None:
             fail("anti_entropy_interval_s", "must be 0 (off) or more")
         if config.receive_hwm < 0:
             fail("receive_hwm", "must be 0 (no limit) or more")
+    _check_security(config, fail)
     seen: dict[tuple[str, int], str] = {}
     for key, endpoint in endpoints.items():
         host, port = endpoint_address(endpoint, key, where)
@@ -184,3 +195,37 @@ def parse_ack(text: str) -> int | None:
         if n >= 1:
             return n
     raise ValueError(f"ack level {text!r} is not one of {ACK_LEVELS_HELP}")
+
+
+def _check_security(config, fail) -> None:
+    from . import security
+
+    if isinstance(config, LeaderConfig):
+        binds = {"ingest": config.ingest, "publish": config.publish, "control": config.control}
+        if config.key:
+            for key in ("allow_readers", "allow_clients"):
+                if not getattr(config, key):
+                    fail(key, "a leader with a key needs an allow list (a .pub file or directory)")
+            try:
+                security.load_secret(config.key)
+                security.load_allow_list(config.allow_readers)
+                security.load_allow_list(config.allow_clients)
+            except security.KeyFileError as exc:
+                fail("key", str(exc))
+        elif config.allow_readers or config.allow_clients:
+            fail("key", "allow lists need the leader's own key (walrep keygen)")
+    else:
+        binds = {"control": config.control} if config.control else {}
+        try:
+            security.load_client_keys(config.key or None, config.leader_key or None)
+        except security.KeyFileError as exc:
+            fail("key", str(exc))
+    if not config.key and not config.insecure:
+        for key, endpoint in binds.items():
+            if not security.is_loopback(endpoint):
+                fail(
+                    key,
+                    f"{endpoint} is not a loopback address and there are no keys: the stream "
+                    "would cross the network unencrypted and unauthenticated. Set key (walrep "
+                    "keygen) or, knowingly, insecure = true",
+                )

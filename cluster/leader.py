@@ -24,7 +24,7 @@ import node
 from node import format as fmt
 from node.meta import load_meta, new_log_id, update_meta
 
-from . import protocol, wire, zmqtrio
+from . import protocol, security, wire, zmqtrio
 from .config import LeaderConfig, parse_ack
 from .logs import event
 from .metrics import NodeMetrics
@@ -95,6 +95,14 @@ class Leader:
         # Built in the trio thread (housekeeping) and read by the metrics thread.
         self.metrics_snapshot: dict = {}
         self.metrics = NodeMetrics("leader", self.writer, lambda: self.metrics_snapshot)
+        self.gatekeeper = None
+        if config.key:
+            self.gatekeeper = security.Gatekeeper(
+                {
+                    security.DOMAIN_READERS: security.load_allow_list(config.allow_readers),
+                    security.DOMAIN_CLIENTS: security.load_allow_list(config.allow_clients),
+                }
+            )
         self.saved_positions = self.protocol.positions(time.monotonic(), time.time())
 
     # --- running ---------------------------------------------------------------------
@@ -113,19 +121,29 @@ class Leader:
         self.writer.set_commit_hook(lambda run: from_thread(commits_in, run))
         self.writer.set_durable_hook(lambda seq: from_thread(durable_in, seq))
         ctx = zmqtrio.new_context()
-        self.pub = zmqtrio.make_socket(ctx, zmqtrio.PUB, hwm=self.config.publish_hwm)
-        self.control = zmqtrio.make_socket(
-            ctx, zmqtrio.ROUTER, options={zmqtrio.ROUTER_MANDATORY: 0}
+        readers_opts, clients_opts = self._curve_options()
+        self.pub = zmqtrio.make_socket(
+            ctx, zmqtrio.PUB, hwm=self.config.publish_hwm, options=readers_opts
         )
-        self.ingest = zmqtrio.make_socket(ctx, zmqtrio.ROUTER)
+        self.control = zmqtrio.make_socket(
+            ctx, zmqtrio.ROUTER, options={zmqtrio.ROUTER_MANDATORY: 0, **readers_opts}
+        )
+        self.ingest = zmqtrio.make_socket(ctx, zmqtrio.ROUTER, options=clients_opts)
         self.control_send_lock = trio.Lock()
         self.ingest_send_lock = trio.Lock()
+        zap = None
         try:
+            if self.gatekeeper is not None:
+                # The ZAP handler must listen before any CURVE socket takes a connection.
+                zap = zmqtrio.make_socket(ctx, zmqtrio.REP)
+                zap.bind(security.ZAP_ENDPOINT)
             self.endpoints["publish"] = self.pub.bind(self.config.publish)
             self.endpoints["control"] = self.control.bind(self.config.control)
             self.endpoints["ingest"] = self.ingest.bind(self.config.ingest)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                if zap is not None:
+                    nursery.start_soon(self._zap_loop, zap)
                 nursery.start_soon(self._publish_loop, commits_out)
                 nursery.start_soon(self._durable_loop, durable_out)
                 nursery.start_soon(self._heartbeat_loop)
@@ -135,6 +153,16 @@ class Leader:
                 if self.config.metrics:
                     host, port = self.metrics.serve(self.config.metrics)
                     self.endpoints["metrics"] = f"http://{host}:{port}/metrics"
+                if self.gatekeeper is None:
+                    level = logging.WARNING if self.config.insecure else logging.INFO
+                    event(
+                        log,
+                        "unencrypted",
+                        level,
+                        insecure=self.config.insecure,
+                        note="no keys: anyone who can reach these endpoints can read and "
+                        "write the log",
+                    )
                 event(
                     log,
                     "leader-started",
@@ -151,11 +179,33 @@ class Leader:
                 await self._save_positions()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.writer.close)
-            for sock in (self.pub, self.control, self.ingest):
-                sock.close()
+            for sock in (self.pub, self.control, self.ingest, zap):
+                if sock is not None:
+                    sock.close()
             self.metrics.close()
             ctx.term()
             event(log, "leader-stopped", head=self.writer.committed_sequence())
+
+    # --- security --------------------------------------------------------------------
+
+    def _curve_options(self) -> tuple[dict, dict]:
+        """Socket options for the reader-facing and client-facing sockets."""
+        if self.gatekeeper is None:
+            return {}, {}
+        _public, secret = security.load_secret(self.config.key)
+        return (
+            security.server_options(secret, security.DOMAIN_READERS),
+            security.server_options(secret, security.DOMAIN_CLIENTS),
+        )
+
+    async def _zap_loop(self, zap) -> None:
+        """Answer libzmq's authentication requests: only allow-listed keys get in."""
+        while True:
+            request = await zap.recv_multipart()
+            reply, name, refusal = self.gatekeeper.decide(request)
+            if refusal is not None:
+                event(log, "connection-refused", logging.WARNING, peer=refusal)
+            await zap.send_multipart(reply)
 
     # --- publishing ------------------------------------------------------------------
 
@@ -367,6 +417,8 @@ class Leader:
                 "busy_refusals": self.busy_refusals,
                 "duplicate_requests": self.duplicate_requests,
                 "rejected_messages": self.rejected_messages,
+                "rejected_connections": self.gatekeeper.rejected if self.gatekeeper else 0,
+                "encrypted": self.gatekeeper is not None,
                 "max_retained_bytes": self.config.max_retained_bytes,
                 "max_retained_age_s": self.config.max_retained_age_s,
                 "wal": self.writer.stats().as_dict(),
@@ -398,6 +450,11 @@ class Leader:
                     "counter",
                     "Malformed or unexpected messages from peers",
                     self.rejected_messages,
+                ),
+                "walrep_rejected_connections_total": (
+                    "counter",
+                    "Connections refused by CURVE authentication (unknown or wrong keys)",
+                    self.gatekeeper.rejected if self.gatekeeper else 0,
                 ),
                 "walrep_duplicate_requests_total": (
                     "counter",

@@ -29,7 +29,9 @@ async def run_load(args) -> int:
     log_file = open(args.log, "w") if args.log else None  # noqa: SIM115 (closed below)
     started = time.monotonic()
     try:
-        async with open_client(args.ingest, timeout=args.timeout, ack=args.ack) as client:
+        async with open_client(
+            args.ingest, timeout=args.timeout, ack=args.ack, keys=args.keys
+        ) as client:
             next_batch = 0
             interval = batch / args.rate if args.rate else 0.0
             paced_from = trio.current_time()  # trio's clock, not time.monotonic()

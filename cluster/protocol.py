@@ -34,6 +34,9 @@ FETCH_CREDIT = 4  # chunks in flight per fetch (the zguide fileio3 pipeline)
 LIVE_BUFFER_BYTES = 64 * 1024 * 1024
 # Acks go out on every sync of the reader's WAL (that already batches them);
 # this only caps them when syncs come faster than the leader needs to hear.
+# Every known reader costs retention and status work; past this many, a new one
+# is refused until an old one is forgotten.
+MAX_READERS = 256
 ACK_INTERVAL_S = 0.001
 # An idle reader still acks this often, so the leader can tell idle from gone.
 ACK_KEEPALIVE_S = 1.0
@@ -497,6 +500,18 @@ class LeaderProtocol:
             ]
         # A reader ahead of us is told so by the welcome (it compares head_seq).
         info = self.readers.get(hello.reader_id)
+        if info is None and len(self.readers) >= MAX_READERS:
+            return [
+                Note("refused-reader", {"reader": hello.reader_id, "code": "too-many-readers"}),
+                Send(
+                    wire.Refused(
+                        "too-many-readers",
+                        f"this leader already tracks {MAX_READERS} readers; forget one that is "
+                        "gone (walrep forget-reader) before adding another",
+                    ),
+                    peer,
+                ),
+            ]
         if info is None:
             info = ReaderInfo(hello.reader_id, peer, hello.last_seq, hello.durable_seq, now, now)
             self.readers[hello.reader_id] = info

@@ -22,7 +22,7 @@ import trio
 import node
 from node.meta import load_meta, update_meta
 
-from . import protocol, wire, zmqtrio
+from . import protocol, security, wire, zmqtrio
 from .config import ReaderConfig
 from .logs import event
 from .metrics import NodeMetrics
@@ -84,11 +84,13 @@ class Reader:
         ctx = zmqtrio.new_context()
         # Subscribe first, then hand-shake (the Clone pattern): nothing published
         # after the welcome can be missed.
+        keys = security.load_client_keys(self.config.key or None, self.config.leader_key or None)
+        curve = keys.options() if keys is not None else {}
         self.sub = zmqtrio.make_socket(
-            ctx, zmqtrio.SUB, options={zmqtrio.RCVHWM: self.config.receive_hwm}
+            ctx, zmqtrio.SUB, options={zmqtrio.RCVHWM: self.config.receive_hwm, **curve}
         )
         self.dealer = zmqtrio.make_socket(
-            ctx, zmqtrio.DEALER, options={zmqtrio.IDENTITY: self.config.id.encode()}
+            ctx, zmqtrio.DEALER, options={zmqtrio.IDENTITY: self.config.id.encode(), **curve}
         )
         self.send_lock = trio.Lock()
         self.durable_moved = trio.Event()

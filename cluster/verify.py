@@ -197,14 +197,18 @@ async def compare(
     return Report(a.name, b.name, lo, hi, equal, first_diff, missing, asked)
 
 
-async def verify(a_spec: str, b_spec: str, from_seq, to_seq, timeout: float, progress=None):
+async def verify(
+    a_spec: str, b_spec: str, from_seq, to_seq, timeout: float, progress=None, keys=None
+):
     """`walrep verify A B`: each side a WAL directory or a tcp:// control endpoint."""
     ctx = zmqtrio.new_context()
     sockets = []
 
     def source(spec: str) -> LogSource:
         if spec.startswith("tcp://"):
-            sock = zmqtrio.make_socket(ctx, zmqtrio.DEALER)
+            sock = zmqtrio.make_socket(
+                ctx, zmqtrio.DEALER, options=keys.options() if keys else None
+            )
             sock.connect(spec)
             sockets.append(sock)
             return EndpointSource(spec, sock, timeout)

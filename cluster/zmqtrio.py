@@ -525,6 +525,7 @@ PUB: Final = zmq.PUB
 SUB: Final = zmq.SUB
 DEALER: Final = zmq.DEALER
 ROUTER: Final = zmq.ROUTER
+REP: Final = zmq.REP
 IDENTITY: Final = zmq.IDENTITY
 RCVHWM: Final = zmq.RCVHWM
 SNDHWM: Final = zmq.SNDHWM
