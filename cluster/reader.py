@@ -146,34 +146,21 @@ class Reader:
 
     async def _publish_loop(self) -> None:
         while True:
-            data = await self.sub.recv()
-            try:
-                message = wire.decode(data)
-            except wire.BadMessage as exc:
-                event(
-                    log,
-                    "bad-message",
-                    logging.WARNING,
-                    peer=self.config.leader_publish,
-                    reason=str(exc),
-                )
-                continue
+            message = await self._receive(self.sub, self.config.leader_publish)
             await self._run(self.protocol.on_publish(message, time.monotonic()))
+
+    async def _receive(self, socket, peer: str) -> wire.Message:
+        """The next well-formed message on socket; bad ones are logged and skipped."""
+        while True:
+            data = await socket.recv()
+            try:
+                return wire.decode(data)
+            except wire.BadMessage as exc:
+                event(log, "bad-message", logging.WARNING, peer=peer, reason=str(exc))
 
     async def _control_loop(self) -> None:
         while True:
-            data = await self.dealer.recv()
-            try:
-                message = wire.decode(data)
-            except wire.BadMessage as exc:
-                event(
-                    log,
-                    "bad-message",
-                    logging.WARNING,
-                    peer=self.config.leader_control,
-                    reason=str(exc),
-                )
-                continue
+            message = await self._receive(self.dealer, self.config.leader_control)
             if isinstance(message, wire.DigestReply):
                 channel = self.digest_waiters.get(message.request_id)
                 if channel is not None:
