@@ -260,9 +260,14 @@ class Leader:
         positions = self.protocol.positions(time.monotonic(), time.time())
         if positions == self.saved_positions:
             return
-        await trio.to_thread.run_sync(
-            functools.partial(update_meta, self.config.wal_dir, readers=positions)
-        )
+        try:
+            await trio.to_thread.run_sync(
+                functools.partial(update_meta, self.config.wal_dir, readers=positions)
+            )
+        except OSError as exc:
+            # A full disk must not stop the leader: the positions are saved next time.
+            event(log, "positions-not-saved", logging.WARNING, reason=str(exc))
+            return
         self.saved_positions = positions
 
     async def apply_retention(self) -> int:
