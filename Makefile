@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench-wal bench-replication clean
+.PHONY: test lint demo bench-wal bench-replication bench bench-deps chaos fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,21 @@ demo: $(STAMP)
 
 bench-replication: $(STAMP)
 	$(BIN)/python scripts/bench_replication.py
+
+# Redis is only a baseline: if it cannot be installed, `make bench` says so and skips that row.
+bench-deps:
+	@command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null || \
+		(apt-get update && apt-get install -y redis-server) || \
+		echo "bench-deps: could not install redis-server; the Redis baseline will be skipped"
+
+# Everything measured next to its baseline; BENCH_ARGS=--quick for a 1-2 minute run.
+bench: $(STAMP) bench-deps
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+fuzz: $(STAMP)
+	WALREP_FUZZ_EXAMPLES=50000 $(BIN)/python -m pytest -q tests/unit/test_fuzz.py
+
+# Fault injection under load (root: network namespaces, nftables, tmpfs); CHAOS_ARGS="--seconds 600 --seed 1".
+.PHONY: chaos
+chaos: $(STAMP)
+	$(BIN)/python scripts/chaos.py $(CHAOS_ARGS)

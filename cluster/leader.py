@@ -570,8 +570,9 @@ class Leader:
                         ),
                     )
                     return
-                except node.WALError as exc:
-                    # A damaged entry is never served; the reader is told, the leader lives.
+                except (node.WALError, OSError) as exc:
+                    # A damaged entry is never served, and a file error ends this fetch
+                    # only: the reader is told (it asks again), the leader lives.
                     event(log, "fetch-failed", logging.ERROR, peer=peer.hex(), reason=str(exc))
                     await self._send_control(
                         peer,

@@ -71,6 +71,7 @@ class Reader:
             self.writer.durable_sequence(),
         )
         self.state_changed = trio.Event()
+        self.run_lock = trio.StrictFIFOLock()
         self.behind_since: float | None = None  # when we last fell behind the leader's head
         self.digest_waiters: dict[int, trio.MemorySendChannel] = {}
         self.control_socket = None
@@ -359,6 +360,13 @@ class Reader:
     # --- actions -----------------------------------------------------------------------
 
     async def _run(self, actions: list[protocol.Action]) -> None:
+        # Actions are produced in order by several loops (live stream, fetches, ticks)
+        # and an append may wait for room in the WAL queue: a strict FIFO lock keeps
+        # them in the order the protocol produced them, so runs stay consecutive.
+        async with self.run_lock:
+            await self._run_in_order(actions)
+
+    async def _run_in_order(self, actions: list[protocol.Action]) -> None:
         for action in actions:
             if isinstance(action, protocol.AppendRun):
                 await self._append(action)

@@ -469,11 +469,18 @@ class WALReader:
         from a remembered file offset instead of rescanning the segment.
         """
         cursor = self._cursor
-        if cursor is None or cursor[1] != from_seq or not os.path.exists(cursor[0].path):
+        if cursor is None or cursor[1] != from_seq:
             cursor = self._seek(from_seq)
         segment, seq, offset = cursor
         chunk_bytes = max(max_bytes, 64 * 1024)
-        with open(segment.path, "rb") as f:
+        try:
+            f = open(segment.path, "rb")  # noqa: SIM115 (closed by the with below)
+        except FileNotFoundError:
+            # Purged since we found it: look again (RangeNotAvailable if it is gone).
+            self._cursor = None
+            segment, seq, offset = self._cursor = self._seek(from_seq)
+            f = open(segment.path, "rb")  # noqa: SIM115
+        with f:
             f.seek(offset)
             data = f.read(chunk_bytes + _HEADER)
             pos = 0
@@ -527,7 +534,11 @@ class WALReader:
         segment = segments[index]
         current = segment.first_seq
         offset = fmt.FILE_HEADER_BYTES
-        with open(segment.path, "rb") as f:
+        try:
+            f = open(segment.path, "rb")  # noqa: SIM115 (closed by the with below)
+        except FileNotFoundError:
+            raise RangeNotAvailable(seq, None, None) from None  # purged meanwhile
+        with f:
             while current < seq:
                 f.seek(offset)
                 header = f.read(_HEADER)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
-from .reader import Segment, decode_frames, list_segments, read_file_bytes, scan
+from .reader import Segment, WALReader, decode_frames, list_segments, read_file_bytes, scan
 
 log = logging.getLogger("walrep.node.writer")
 
@@ -38,6 +38,7 @@ DEFAULT_BUFFER_ENTRIES = 10_000
 # After a failed write (a full disk, say) the writer retries the same group this
 # often: the entries already have sequences, so they must go to disk in order.
 WRITE_RETRY_INTERVAL_S = 0.5
+REPAIR_MODES = ("tail", "cut")
 SYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 _pack_header = fmt.ENTRY_HEADER.pack
@@ -143,9 +144,16 @@ class Writer:
         sync_bytes: int = DEFAULT_SYNC_BYTES,
         buffer_entries: int = DEFAULT_BUFFER_ENTRIES,
         sync_file: Callable[[int], None] | None = None,
+        repair: str = "tail",
     ):
         self.wal_dir = wal_dir
         self.sync_mode = SyncMode(sync_mode)
+        # What opening does with damage: "tail" cuts a torn tail of the newest segment
+        # and refuses anything else (a leader: its log is the only copy); "cut" cuts
+        # the whole log back to its first damaged entry (a reader, which refetches).
+        if repair not in REPAIR_MODES:
+            raise ValueError(f"repair must be one of {', '.join(REPAIR_MODES)}, got {repair!r}")
+        self.repair = repair
         if max_size_bytes <= fmt.FILE_HEADER_BYTES:
             raise ValueError(f"max_size_bytes must exceed {fmt.FILE_HEADER_BYTES}")
         if buffer_entries < 1:
@@ -213,6 +221,8 @@ class Writer:
 
     def _open_newest(self) -> int:
         """Repair the newest segment if a crash tore it and return the next sequence."""
+        if self.repair == "cut":
+            self._cut_at_first_damage()
         segments, unsequenced = list_segments(self.wal_dir)
         for path in unsequenced:
             log.info("not a sequenced segment, left alone by the writer: %s", path)
@@ -245,6 +255,55 @@ class Writer:
             self._cut_tail(newest.path, data, end.valid_end, end.problem)
         self._attach(newest, end.valid_end, end.entries)
         return end.next_seq
+
+    def _cut_at_first_damage(self) -> None:
+        """repair="cut": cut the log just before its first damaged entry, in any segment.
+
+        The cut bytes go to ``<segment>.broken`` and every later segment is renamed to
+        ``<segment>.broken`` (newest first, so a crash midway leaves a log whose damage
+        the next open finds again). Writing continues at the damaged entry's sequence.
+        """
+        problems: list[fmt.Problem] = []
+        for _entry in WALReader(self.wal_dir, on_problem=problems.append).raw_entries():
+            if problems:
+                break
+        if not problems:
+            return
+        problem = problems[0]
+        segments = list_segments(self.wal_dir)[0]
+        index = next(i for i, s in enumerate(segments) if s.path == problem.file)
+        moved = segments[index + 1 :]
+        for segment in reversed(moved):
+            broken = f"{segment.path}.broken"
+            if os.path.exists(broken):
+                _append_synced(broken, read_file_bytes(segment.path))
+                os.unlink(segment.path)
+            else:
+                os.rename(segment.path, broken)
+            _sync_dir(self.wal_dir)
+        data = read_file_bytes(problem.file)
+        keep = problem.offset if problem.kind != "bad-header" else 0
+        _append_synced(f"{problem.file}.broken", data[keep:])
+        if keep < fmt.FILE_HEADER_BYTES:
+            self._rewrite_header(problem.file)
+        else:
+            fd = os.open(problem.file, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, keep)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(self.wal_dir)
+        self.repairs.append(problem)
+        log.warning(
+            "repair=cut: cut the log before sequence %s: %s; kept the %d cut bytes in "
+            "%s.broken and moved %d later segments to .broken files",
+            problem.sequence,
+            problem,
+            len(data) - keep,
+            problem.file,
+            len(moved),
+        )
 
     def _cut_tail(self, path: str, data: bytes, valid_end: int, problem: fmt.Problem) -> None:
         broken = f"{path}.broken"
@@ -564,6 +623,10 @@ class Writer:
             try:
                 if chunks:
                     self._write_group(chunks, count)
+                if retry_group is not None:
+                    # Appends made while we retried found a non-empty queue and did not
+                    # wake us: take what they queued now.
+                    self._wake.set()
                 retry_group = None
                 if self._sync_due(closing):
                     with self._files_lock:
@@ -580,6 +643,7 @@ class Writer:
                     )
                     retry_group = (chunks, count)
                     time.sleep(WRITE_RETRY_INTERVAL_S)
+                    self._wake.set()  # retry now, not when the next append comes
                     continue
                 self._fail(exc)
                 return
@@ -698,6 +762,9 @@ class Writer:
             self._sync_file(fd)
         except BaseException:
             os.close(fd)
+            # A full disk: remove the headerless file, so the retry can create it again.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
         _sync_dir(self.wal_dir)
         self._fd = fd
@@ -876,6 +943,14 @@ def _ensure_private_dir(path: str) -> None:
         os.chmod(path, 0o700)
         parent = os.path.dirname(os.path.abspath(path))
         _sync_dir(parent)
+
+
+def _append_synced(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o600)
 
 
 def _sync_dir(path: str) -> None:

@@ -404,3 +404,18 @@ def test_writer_never_reuses_a_sequence_after_length_damage(wal, damage):
     except node.WALError:
         return  # refusing to open a damaged newest segment is also acceptable
     assert w.current_sequence() >= 10
+
+
+def test_read_frames_when_retention_purges_its_segment_meanwhile(wal):
+    """A fetch being served while retention deletes its segment: RangeNotAvailable, no crash."""
+    w = wal.writer(max_size_bytes=200)
+    for i in range(1, 41):
+        w.append_raw(b"entry-%d" % i, durable=True)
+    reader = node.WALReader(w.wal_dir)
+    first, count, _ = reader.read_frames(1, 40, max_bytes=16)
+    assert first == 1 and count >= 1
+    w.purge_before(30)  # what retention does once every reader holds 1..29
+    with pytest.raises(node.RangeNotAvailable):
+        reader.read_frames(first + count, 40, max_bytes=16)
+    earliest = node.WALReader(w.wal_dir).bounds()[0]
+    assert reader.read_frames(earliest, 40)[0] == earliest  # later ranges still served

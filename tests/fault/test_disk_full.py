@@ -1,0 +1,200 @@
+"""A full disk: appends wait, nothing acknowledged is lost, and the node resumes by itself.
+
+Root only: the WAL lives on a small tmpfs that the test fills with a file and then frees.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import node
+from cluster.procs import LocalCluster, wait_for, walrep_command
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import check_history  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to mount a small tmpfs as the WAL's file system"
+)
+
+
+class Tmpfs:
+    def __init__(self, path: str, size: str):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+        self.filler = os.path.join(path, "filler")
+
+    def fill(self) -> int:
+        """Write a file until the file system is full; the bytes written."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        written = 0
+        try:
+            for chunk in (1 << 16, 1 << 12, 1 << 9):
+                block = b"\0" * chunk
+                while True:
+                    try:
+                        written += os.write(fd, block)
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC
+                        break
+        finally:
+            os.close(fd)
+        return written
+
+    def free(self) -> None:
+        os.unlink(self.filler)
+
+    def unmount(self) -> None:
+        if subprocess.run(["umount", self.path], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", self.path], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounts: list[Tmpfs] = []
+
+    def make(name: str, size: str) -> Tmpfs:
+        fs = Tmpfs(str(tmp_path / name), size)
+        mounts.append(fs)
+        return fs
+
+    yield make
+    for fs in mounts:
+        fs.unmount()
+
+
+def test_writer_waits_on_a_full_disk_and_resumes_even_across_a_rotation(tmpfs):
+    """The group is kept and retried every 0.5 s; a rotation on a full disk is retried too."""
+    fs = tmpfs("fs", "1m")
+    wal_dir = os.path.join(fs.path, "wal")
+    payload = b"x" * 200
+    w = node.Writer(wal_dir, max_size_bytes=16 * 1024)
+    try:
+        seq = 0
+        while w.stats().total_rotations == 0 or w.stats().current_file is None:
+            seq = w.append_raw(payload, durable=True, timeout=10)
+        # Fill the active segment to its limit: the next group must rotate.
+        while os.path.getsize(w.current_file()) < w.max_size_bytes:
+            seq = w.append_raw(payload, durable=True, timeout=10)
+        segments_before = len(w.segments())
+        assert fs.fill() > 0
+
+        done: dict[str, object] = {}
+
+        def append_durably(name: str, count: int) -> None:
+            try:
+                last = 0
+                for _ in range(count):
+                    last = w.append_raw(payload, durable=True, timeout=30)
+                done[name] = last
+            except Exception as exc:  # reported by the assertions below
+                done[name] = exc
+
+        first = threading.Thread(target=append_durably, args=("first", 1))
+        first.start()
+        wait_for(lambda: w.stats().write_errors >= 2, 10, "the writer to retry a failed write")
+        # More appends while the first group waits: queued behind it.
+        second = threading.Thread(target=append_durably, args=("second", 50))
+        second.start()
+        wait_for(lambda: w.current_sequence() >= seq + 2, 10, "appends queued while full")
+        assert w.durable_sequence() == seq  # nothing past the full disk is durable
+        assert not done
+        fs.free()
+        first.join(30)
+        second.join(30)
+        assert done.get("first") == seq + 1, done
+        assert isinstance(done.get("second"), int), done
+        assert w.durable_sequence() == w.current_sequence() == seq + 51
+        assert len(w.segments()) == segments_before + 1  # the rotation happened after all
+    finally:
+        w.close()
+    entries = list(node.WALReader(wal_dir).raw_entries())
+    assert [e[0] for e in entries] == list(range(1, seq + 52))
+    assert all(e[2] == payload for e in entries)
+
+
+@pytest.mark.timeout(240)
+def test_leader_on_a_full_disk_waits_loses_nothing_and_resumes(tmp_path, tmpfs):
+    base = str(tmp_path / "c")
+    cluster = LocalCluster(base, readers=1, leader_extra=["--max-segment-bytes", "1048576"])
+    fs = tmpfs("c/leader", "8m")
+    history = str(tmp_path / "history.jsonl")
+    load = None
+    try:
+        cluster.start()
+        wait_for(lambda: "leader-started" in cluster.leader.log_text(), 30, "the leader")
+        load = subprocess.Popen(
+            walrep_command(
+                "load",
+                "--ingest",
+                cluster.ingest,
+                "--count",
+                "40000",
+                "--rate",
+                "4000",
+                "--batch",
+                "50",
+                "--size",
+                "100",
+                "--ack",
+                "local",
+                "--timeout",
+                "2",
+                "--retries",
+                "20",
+                "--log",
+                history,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_for(lambda: cluster.leader.last_seq() > 4000, 30, "the load to get going")
+        fs.fill()
+        wait_for(
+            lambda: "No space left on device" in cluster.leader.log_text(),
+            20,
+            "the leader to hit the full disk",
+        )
+        held_at = cluster.leader.last_seq()
+        stalled_until = time.monotonic() + 3
+        tick = threading.Event()  # never set: a bounded pause between checks
+        while time.monotonic() < stalled_until:  # the disk stays full for 3 s
+            assert cluster.leader.running(), cluster.leader.log_text()[-3000:]
+            assert load.poll() is None
+            tick.wait(0.2)
+        assert cluster.leader.last_seq() <= held_at + 1  # nothing more reached the disk
+        fs.free()
+        output, _ = load.communicate(timeout=120)
+        assert cluster.leader.running(), cluster.leader.log_text()[-3000:]
+        cluster.wait_converged(timeout=60)
+        verdict = check_history.check(
+            [history],
+            {"leader": cluster.leader.wal_dir, "reader-1": cluster.reader_nodes[0].wal_dir},
+            size=100,
+        )
+        assert verdict.ok, verdict.table()
+        acked = sum(level.acked for level in verdict.levels)
+        assert acked == 40_000, output  # every request ended acknowledged, by retrying
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait(timeout=10)
+        cluster.stop()
