@@ -34,6 +34,7 @@ import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from cluster.procs import free_ports  # noqa: E402
 from node import format as fmt  # noqa: E402
 
 HERE = os.path.abspath(__file__)
@@ -131,19 +132,6 @@ def zmq_subscriber(args: argparse.Namespace) -> int:
         push.close()
         ctx.term()
     return 0
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def stop_pid(proc: subprocess.Popen, timeout: float = 15.0) -> None:
