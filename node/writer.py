@@ -287,12 +287,7 @@ class Writer:
         if keep < fmt.FILE_HEADER_BYTES:
             self._rewrite_header(problem.file)
         else:
-            fd = os.open(problem.file, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, keep)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _truncate_synced(problem.file, keep)
         _sync_dir(self.wal_dir)
         self.repairs.append(problem)
         log.warning(
@@ -307,17 +302,8 @@ class Writer:
 
     def _cut_tail(self, path: str, data: bytes, valid_end: int, problem: fmt.Problem) -> None:
         broken = f"{path}.broken"
-        with open(broken, "ab") as f:
-            f.write(data[valid_end:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(broken, 0o600)
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.ftruncate(fd, valid_end)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_synced(broken, data[valid_end:])
+        _truncate_synced(path, valid_end)
         _sync_dir(self.wal_dir)
         self.repairs.append(problem)
         log.warning(
@@ -943,6 +929,15 @@ def _ensure_private_dir(path: str) -> None:
         os.chmod(path, 0o700)
         parent = os.path.dirname(os.path.abspath(path))
         _sync_dir(parent)
+
+
+def _truncate_synced(path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _append_synced(path: str, data: bytes) -> None:
