@@ -45,6 +45,16 @@ _pack_header = fmt.ENTRY_HEADER.pack
 _crc32 = fmt.crc32
 _MAX = fmt.MAX_PAYLOAD_BYTES
 
+# The C framing of a batch (node/_scan.c), when it was built: the Python loop of
+# _frame_payloads was most of the cost of append_batch. As in node.reader,
+# WALREP_PURE_PYTHON=1 (read at import) or setting this to None forces pure Python.
+_frame_fast: Callable[[Sequence[bytes], int, Callable[[int], Exception]], bytes] | None = None
+if os.environ.get("WALREP_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from ._scan import frame_payloads as _frame_fast
+    except ImportError:  # not built, or built from an older _scan.c
+        pass
+
 
 class SyncMode(enum.StrEnum):
     FSYNC = "fsync"
@@ -396,7 +406,7 @@ class Writer:
 
     def _append_one(self, payload: bytes, wait: bool, timeout: float | None) -> int:
         # The hot path: one lock round, no allocation beyond the frame itself.
-        size = len(payload)
+        size = _nbytes(payload)
         if size > _MAX:
             raise fmt.PayloadTooLarge(size)
         timestamp = time.time_ns() // 1000
@@ -892,20 +902,32 @@ def _frame_payloads(payloads: Sequence[bytes]):
     Returns the arguments of Writer._append_frames: chunks, count, hook_entries.
     Every size is checked first, so a batch with one oversized payload adds nothing.
     """
-    for payload in payloads:
-        if len(payload) > _MAX:
-            raise fmt.PayloadTooLarge(len(payload))
-    timestamp = time.time_ns() // 1000
-    parts = []
-    add = parts.append
-    for payload in payloads:
-        add(_pack_header(len(payload), timestamp, _crc32(payload)))
-        add(payload)
+    fast = _frame_fast
+    if fast is not None:
+        timestamp = time.time_ns() // 1000
+        data = fast(payloads, timestamp, fmt.PayloadTooLarge)
+    else:
+        sizes = [_nbytes(payload) for payload in payloads]
+        for size in sizes:
+            if size > _MAX:
+                raise fmt.PayloadTooLarge(size)
+        timestamp = time.time_ns() // 1000
+        parts = []
+        add = parts.append
+        for payload, size in zip(payloads, sizes, strict=True):
+            add(_pack_header(size, timestamp, _crc32(payload)))
+            add(payload)
+        data = b"".join(parts)
 
     def hook_entries(first: int) -> list[ReplicationEntry]:
         return [ReplicationEntry(first + i, timestamp, bytes(p)) for i, p in enumerate(payloads)]
 
-    return [b"".join(parts)], len(payloads), hook_entries
+    return [data], len(payloads), hook_entries
+
+
+def _nbytes(payload) -> int:
+    """The size in bytes: len() of a memoryview counts items, which may be wider."""
+    return len(payload) if type(payload) is bytes else memoryview(payload).nbytes
 
 
 def _remaining(deadline: float | None) -> float | None:
