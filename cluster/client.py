@@ -133,8 +133,7 @@ class Client:
             while reply is None and attempt <= retries + attempts_before:
                 attempt += 1
                 with trio.move_on_after(self.timeout):
-                    async with self._send_lock:
-                        await self._socket.send(data)
+                    await zmqtrio.send_in_turn(self._socket, self._send_lock, [data])
                     reply = await reply_out.receive()
             if reply is None:
                 raise AppendUnknown(

@@ -119,7 +119,10 @@ class Leader:
                 pass  # shutting down; the reopened writer rescans the files
 
         self.writer.set_commit_hook(lambda run: from_thread(commits_in, run))
-        self.writer.set_durable_hook(lambda seq: from_thread(durable_in, seq))
+        if self.writer.sync_mode is node.SyncMode.ASYNC:
+            # Syncing modes commit only what is synced, so the commit hook already says
+            # it; a second cross-thread call per group would only cost a task switch.
+            self.writer.set_durable_hook(lambda seq: from_thread(durable_in, seq))
         ctx = zmqtrio.new_context()
         readers_opts, clients_opts = self._curve_options()
         self.pub = zmqtrio.make_socket(
@@ -227,7 +230,11 @@ class Leader:
             for piece_first, count, frames in fmt.split_frames(
                 data, first, wire.TARGET_BATCH_BYTES
             ):
-                await self.pub.send(wire.encode(wire.Batch(log_id, piece_first, count, frames)))
+                data = wire.encode(wire.Batch(log_id, piece_first, count, frames))
+                try:
+                    self.pub.send_nowait(data)  # a PUB socket drops rather than blocks
+                except zmqtrio.WouldBlock:
+                    await self.pub.send(data)
             if self.writer.sync_mode is not node.SyncMode.ASYNC:
                 self.durable = max(self.durable, last)
             await self._resolve_waiters()
@@ -322,36 +329,48 @@ class Leader:
 
     async def _control_loop(self) -> None:
         while True:
-            frames, address = await self.control.recv_multipart_with_peer()
-            if len(frames) != 2:
-                self._reject(address, "control", "expected [identity, message]")
-                continue
-            peer, data = frames
-            self.peer_addresses[peer] = address
-            try:
-                message = wire.decode(data)
-            except wire.BadMessage as exc:
-                self._reject(address, "control", str(exc))
-                await self._send_control(peer, wire.Refused("bad-request", str(exc)))
-                continue
-            if isinstance(message, wire.Credit):
-                entry = self.flows.get((peer, message.fetch_id))
-                if entry is not None:
-                    entry[0].add_credit(message.credit)
-                    entry[1].set()
-                continue
-            if isinstance(message, wire.StatusRequest):
-                await self._send_control(peer, wire.StatusReply(self.status()))
-                continue
-            if isinstance(message, wire.DigestRequest):
-                self.nursery.start_soon(self._answer_digest, peer, message)
-                continue
-            actions = self.protocol.on_control(peer, message, time.monotonic())
-            await self._run_actions(actions)
-            if isinstance(message, wire.Fetch) and not actions:
-                self.nursery.start_soon(self._serve_fetch, peer, message)
-            if isinstance(message, wire.Ack):
+            acked = await self._on_control(*await self.control.recv_multipart_with_peer())
+            # Take what already arrived without a scheduler pass per message (acks from
+            # every reader for every commit), and settle the waiters once for them all.
+            for _ in range(zmqtrio.DRAIN_MAX_MESSAGES):
+                try:
+                    received = self.control.recv_multipart_with_peer_nowait()
+                except zmqtrio.WouldBlock:
+                    break
+                acked = await self._on_control(*received) or acked
+            if acked:
                 await self._resolve_waiters()
+
+    async def _on_control(self, frames: list[bytes], address: str) -> bool:
+        """Handle one control message; True if it was an ack (waiters may be ready)."""
+        if len(frames) != 2:
+            self._reject(address, "control", "expected [identity, message]")
+            return False
+        peer, data = frames
+        self.peer_addresses[peer] = address
+        try:
+            message = wire.decode(data)
+        except wire.BadMessage as exc:
+            self._reject(address, "control", str(exc))
+            await self._send_control(peer, wire.Refused("bad-request", str(exc)))
+            return False
+        if isinstance(message, wire.Credit):
+            entry = self.flows.get((peer, message.fetch_id))
+            if entry is not None:
+                entry[0].add_credit(message.credit)
+                entry[1].set()
+            return False
+        if isinstance(message, wire.StatusRequest):
+            await self._send_control(peer, wire.StatusReply(self.status()))
+            return False
+        if isinstance(message, wire.DigestRequest):
+            self.nursery.start_soon(self._answer_digest, peer, message)
+            return False
+        actions = self.protocol.on_control(peer, message, time.monotonic())
+        await self._run_actions(actions)
+        if isinstance(message, wire.Fetch) and not actions:
+            self.nursery.start_soon(self._serve_fetch, peer, message)
+        return isinstance(message, wire.Ack)
 
     def status(self) -> dict:
         """Every node as a row (leader first), with lag in entries, bytes and seconds."""
@@ -519,8 +538,9 @@ class Leader:
                 event(log, action.event, **action.fields)
 
     async def _send_control(self, peer: bytes, message: wire.Message) -> None:
-        async with self.control_send_lock:
-            await self.control.send_multipart([peer, wire.encode(message)])
+        await zmqtrio.send_in_turn(
+            self.control, self.control_send_lock, [peer, wire.encode(message)]
+        )
 
     async def _answer_digest(self, peer: bytes, request: wire.DigestRequest) -> None:
         reply = await trio.to_thread.run_sync(
@@ -587,21 +607,31 @@ class Leader:
 
     async def _ingest_loop(self) -> None:
         while True:
-            frames, address = await self.ingest.recv_multipart_with_peer()
-            if len(frames) != 2:
-                self._reject(address, "ingest", "expected [identity, message]")
-                continue
-            peer, data = frames
-            try:
-                message = wire.decode(data)
-                if not isinstance(message, wire.Append):
-                    raise wire.BadMessage(f"{message.KIND} is not an ingest request")
-                replicas = parse_ack(message.ack or self.default_ack)
-            except (wire.BadMessage, ValueError) as exc:
-                self._reject(address, "ingest", str(exc))
-                await self._reply(peer, wire.Refused("bad-request", str(exc)))
-                continue
-            await self._append(peer, message, replicas)
+            await self._on_ingest(*await self.ingest.recv_multipart_with_peer())
+            # Requests that already arrived are taken without a scheduler pass each; the
+            # writer groups them into one commit all the same.
+            for _ in range(zmqtrio.DRAIN_MAX_MESSAGES):
+                try:
+                    received = self.ingest.recv_multipart_with_peer_nowait()
+                except zmqtrio.WouldBlock:
+                    break
+                await self._on_ingest(*received)
+
+    async def _on_ingest(self, frames: list[bytes], address: str) -> None:
+        if len(frames) != 2:
+            self._reject(address, "ingest", "expected [identity, message]")
+            return
+        peer, data = frames
+        try:
+            message = wire.decode(data)
+            if not isinstance(message, wire.Append):
+                raise wire.BadMessage(f"{message.KIND} is not an ingest request")
+            replicas = parse_ack(message.ack or self.default_ack)
+        except (wire.BadMessage, ValueError) as exc:
+            self._reject(address, "ingest", str(exc))
+            await self._reply(peer, wire.Refused("bad-request", str(exc)))
+            return
+        await self._append(peer, message, replicas)
 
     async def _append(self, peer: bytes, request: wire.Append, replicas: int | None) -> None:
         received_at = time.monotonic()
@@ -699,8 +729,7 @@ class Leader:
         self.waiters = [w for w in self.waiters if w.since >= cutoff]
 
     async def _reply(self, peer: bytes, message: wire.Message) -> None:
-        async with self.ingest_send_lock:
-            await self.ingest.send_multipart([peer, wire.encode(message)])
+        await zmqtrio.send_in_turn(self.ingest, self.ingest_send_lock, [peer, wire.encode(message)])
 
 
 def _size(path: str) -> int:

@@ -17,7 +17,26 @@ from prometheus_client.registry import Collector
 import node
 from node.writer import SYNC_BUCKETS_S
 
-COMMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+COMMIT_BUCKETS_S = (
+    0.00025,
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    10,
+)  # fine around the few milliseconds a commit should take
 
 
 class _SnapshotCollector(Collector):

@@ -71,6 +71,7 @@ class Reader:
             self.writer.durable_sequence(),
         )
         self.state_changed = trio.Event()
+        self.signalled_state = self.protocol.state
         self.run_lock = trio.StrictFIFOLock()
         self.behind_since: float | None = None  # when we last fell behind the leader's head
         self.digest_waiters: dict[int, trio.MemorySendChannel] = {}
@@ -146,18 +147,36 @@ class Reader:
     # --- loops -------------------------------------------------------------------------
 
     async def _publish_loop(self) -> None:
+        peer = self.config.leader_publish
         while True:
-            message = await self._receive(self.sub, self.config.leader_publish)
+            message = await self._receive(self.sub, peer)
             await self._run(self.protocol.on_publish(message, time.monotonic()))
+            # Then take what already arrived without a trip through trio's scheduler
+            # per message (at a high rate the trip costs more than the work), up to a
+            # bound that lets the other loops run.
+            for _ in range(zmqtrio.DRAIN_MAX_MESSAGES):
+                try:
+                    data = self.sub.recv_nowait()
+                except zmqtrio.WouldBlock:
+                    break
+                message = self._decode(data, peer)
+                if message is not None:
+                    await self._run(self.protocol.on_publish(message, time.monotonic()))
 
     async def _receive(self, socket, peer: str) -> wire.Message:
         """The next well-formed message on socket; bad ones are logged and skipped."""
         while True:
-            data = await socket.recv()
-            try:
-                return wire.decode(data)
-            except wire.BadMessage as exc:
-                event(log, "bad-message", logging.WARNING, peer=peer, reason=str(exc))
+            message = self._decode(await socket.recv(), peer)
+            if message is not None:
+                return message
+
+    @staticmethod
+    def _decode(data: bytes, peer: str) -> wire.Message | None:
+        try:
+            return wire.decode(data)
+        except wire.BadMessage as exc:
+            event(log, "bad-message", logging.WARNING, peer=peer, reason=str(exc))
+            return None
 
     async def _control_loop(self) -> None:
         while True:
@@ -363,8 +382,15 @@ class Reader:
         # Actions are produced in order by several loops (live stream, fetches, ticks)
         # and an append may wait for room in the WAL queue: a strict FIFO lock keeps
         # them in the order the protocol produced them, so runs stay consecutive.
-        async with self.run_lock:
+        try:
+            # Uncontended (the usual case): take the lock without a scheduler pass.
+            self.run_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.run_lock.acquire()
+        try:
             await self._run_in_order(actions)
+        finally:
+            self.run_lock.release()
 
     async def _run_in_order(self, actions: list[protocol.Action]) -> None:
         for action in actions:
@@ -390,7 +416,11 @@ class Reader:
                     self.catch_up = Progress(
                         "catching up", total=action.fields["to"], start=action.fields["from"]
                     )
-        self.state_changed.set()
+        if self.protocol.state is not self.signalled_state:
+            # Only the hand-shake loop waits on this, and only for a change of state:
+            # waking it for every run would cost a task switch per message.
+            self.signalled_state = self.protocol.state
+            self.state_changed.set()
 
     async def _append(self, run: protocol.AppendRun) -> None:
         while True:
@@ -403,8 +433,7 @@ class Reader:
                 await trio.sleep(0.001)  # the local disk is behind: wait for room
 
     async def _send(self, message: wire.Message) -> None:
-        async with self.send_lock:
-            await self.dealer.send(wire.encode(message))
+        await zmqtrio.send_in_turn(self.dealer, self.send_lock, [wire.encode(message)])
 
 
 class _LeaderDigests:

@@ -27,12 +27,15 @@ import zmq
 
 __all__ = [
     "DEFAULT_LINGER_MS",
+    "DRAIN_MAX_MESSAGES",
     "LIED_SEND_FIRST_BACKOFF_S",
     "LIED_SEND_MAX_BACKOFF_S",
     "SocketStatistics",
     "TrioSocket",
     "WouldBlock",
     "make_socket",
+    "new_context",
+    "send_in_turn",
 ]
 
 # Plain ints: these are read on every call of the hot path.
@@ -56,6 +59,11 @@ _Buffer = bytes | bytearray | memoryview
 # the whole send with a cancel scope.
 LIED_SEND_FIRST_BACKOFF_S: Final = 0.0001
 LIED_SEND_MAX_BACKOFF_S: Final = 0.005
+
+# How many already-arrived messages a loop takes with the *_nowait calls
+# before it awaits again: enough to skip a scheduler pass per message under
+# load, few enough that the other tasks of the loop get their turn.
+DRAIN_MAX_MESSAGES: Final = 256
 
 # walrep never relies on linger to deliver the last messages (ZMQ_TRIO.md:
 # they were lost over ipc even with LINGER=-1; readers notice gaps by
@@ -259,6 +267,13 @@ class TrioSocket:
         if frames is _WOULD_BLOCK:
             raise WouldBlock()
         return frames
+
+    def recv_multipart_with_peer_nowait(self) -> tuple[list[bytes], str]:
+        """Like :meth:`recv_multipart_with_peer`, now, or raise :class:`WouldBlock`."""
+        received = self._try_recv_multipart_with_peer()
+        if received is _WOULD_BLOCK:
+            raise WouldBlock()
+        return received
 
     async def recv(self) -> bytes:
         """Receive one single-frame message, waiting for it if needed.
@@ -536,3 +551,22 @@ ZMQError = zmq.ZMQError
 def new_context() -> zmq.Context:
     """A fresh context per service, so closing one never disturbs another."""
     return zmq.Context()
+
+
+async def send_in_turn(sock: TrioSocket, lock: trio.Lock, frames: list[_Buffer]) -> None:
+    """Send one multipart message after every send already waiting on ``lock``.
+
+    Several tasks share a socket and must not interleave their waits, so a sender
+    that finds no room waits holding ``lock``. When nobody holds it and libzmq has
+    room, the message goes out at once with no scheduler pass: on the hot paths
+    (replies, acks) that pass costs more than the send, once per message. This is
+    not a checkpoint in that case, which callers that loop must keep in mind.
+    """
+    if not lock.locked():
+        try:
+            sock.send_multipart_nowait(frames)
+            return
+        except WouldBlock:
+            pass
+    async with lock:
+        await sock.send_multipart(frames)
