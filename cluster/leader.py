@@ -29,6 +29,7 @@ from .config import LeaderConfig, parse_ack
 from .logs import event
 from .metrics import NodeMetrics
 from .verify import digest_reply
+from .walloop import make_room
 
 log = logging.getLogger("walrep.leader")
 
@@ -63,6 +64,10 @@ class Leader:
             sync_mode=config.sync_mode,
             buffer_entries=config.buffer_entries,
             max_size_bytes=config.max_segment_bytes,
+            # In a syncing mode the ingest loop commits each burst of requests itself
+            # (Writer.flush, group commit all the same): no hand-off to a writer thread
+            # and back on the commit path. Async mode keeps the thread for its timer.
+            background=config.sync_mode == node.SyncMode.ASYNC,
         )
         meta = load_meta(config.wal_dir)
         log_id = meta.get("log_id")
@@ -118,7 +123,10 @@ class Leader:
             except trio.RunFinishedError:
                 pass  # shutting down; the reopened writer rescans the files
 
-        self.writer.set_commit_hook(lambda run: from_thread(commits_in, run))
+        if self.writer.background:
+            self.writer.set_commit_hook(lambda run: from_thread(commits_in, run))
+        else:  # flush() runs in this trio thread
+            self.writer.set_commit_hook(commits_in.send_nowait)
         if self.writer.sync_mode is node.SyncMode.ASYNC:
             # Syncing modes commit only what is synced, so the commit hook already says
             # it; a second cross-thread call per group would only cost a task switch.
@@ -246,6 +254,7 @@ class Leader:
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            self.writer.flush()  # retries a write a full disk refused
             first, _ = _first_segment_seq(self.writer)
             if first is not None:
                 self.protocol.on_purge(first)
@@ -616,6 +625,7 @@ class Leader:
                 except zmqtrio.WouldBlock:
                     break
                 await self._on_ingest(*received)
+            self.writer.flush()  # one commit for the whole burst
 
     async def _on_ingest(self, frames: list[bytes], address: str) -> None:
         if len(frames) != 2:
@@ -669,7 +679,7 @@ class Leader:
                 if not waited:
                     self.backpressure_waits += 1
                     waited = True
-                await trio.sleep(0.001)
+                await make_room(self.writer)
             except (node.WALClosed, node.WALFailed) as exc:
                 await self._reply(
                     peer, wire.Refused("unavailable", str(exc), request_id=request.request_id)

@@ -28,6 +28,7 @@ from .logs import event
 from .metrics import NodeMetrics
 from .progress import Progress
 from .verify import DirSource, VerifyError, compare, digest_reply
+from .walloop import make_room
 
 log = logging.getLogger("walrep.reader")
 
@@ -61,6 +62,9 @@ class Reader:
             buffer_entries=config.buffer_entries,
             max_size_bytes=config.max_segment_bytes,
             repair="cut",  # self-healing: damage is cut off and fetched again
+            # In a syncing mode this loop commits what it appended (Writer.flush),
+            # then acks: no hand-off to a writer thread and back on the ack path.
+            background=config.sync_mode == node.SyncMode.ASYNC,
         )
         _report_self_heal(self.writer)
         meta = load_meta(config.wal_dir)
@@ -104,7 +108,10 @@ class Reader:
             except trio.RunFinishedError:
                 pass
 
-        self.writer.set_durable_hook(durable_from_thread)
+        if self.writer.background:
+            self.writer.set_durable_hook(durable_from_thread)
+        else:  # flush() runs in this trio thread
+            self.writer.set_durable_hook(lambda _seq: self.durable_moved.set())
         try:
             self.sub.subscribe(b"")
             self.sub.connect(self.config.leader_publish)
@@ -162,6 +169,7 @@ class Reader:
                 message = self._decode(data, peer)
                 if message is not None:
                     await self._run(self.protocol.on_publish(message, time.monotonic()))
+            self.writer.flush()  # one commit for the whole burst
 
     async def _receive(self, socket, peer: str) -> wire.Message:
         """The next well-formed message on socket; bad ones are logged and skipped."""
@@ -187,6 +195,7 @@ class Reader:
                     channel.send_nowait(message)
                 continue
             await self._run(self.protocol.on_control(message, time.monotonic()))
+            self.writer.flush()
 
     # --- anti-entropy and the reader's own control endpoint -------------------------
 
@@ -280,6 +289,7 @@ class Reader:
 
     async def _tick_loop(self) -> None:
         while True:
+            self.writer.flush()  # retries a write a full disk refused
             now = time.monotonic()
             await self._run(self.protocol.on_tick(now))
             await self._run(self.protocol.on_durable(self.writer.durable_sequence(), now))
@@ -430,7 +440,7 @@ class Reader:
                 )
                 return
             except node.WALDropped:
-                await trio.sleep(0.001)  # the local disk is behind: wait for room
+                await make_room(self.writer)
 
     async def _send(self, message: wire.Message) -> None:
         await zmqtrio.send_in_turn(self.dealer, self.send_lock, [wire.encode(message)])

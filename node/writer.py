@@ -7,6 +7,12 @@ the committed and durable sequences and fires the commit hook with the exact byt
 written. An entry refused (queue full, too large, writer closed) gets no sequence
 and reaches no hook.
 
+With ``background=False`` there is no thread: the caller commits the queue with
+``flush()``, in its own thread, and the hooks run there. An event loop that
+appends everything that arrived and then flushes once groups commits just as well,
+and saves the two thread hand-offs per commit, which dominate commit latency on
+machines where waking another thread is expensive (see README, Performance).
+
 The writer owns the files of its directory: it must be the only writer there.
 It never talks to the network; the cluster layer hangs replication off its hooks.
 """
@@ -155,6 +161,7 @@ class Writer:
         buffer_entries: int = DEFAULT_BUFFER_ENTRIES,
         sync_file: Callable[[int], None] | None = None,
         repair: str = "tail",
+        background: bool = True,
     ):
         self.wal_dir = wal_dir
         self.sync_mode = SyncMode(sync_mode)
@@ -224,8 +231,17 @@ class Writer:
         self._unsynced_bytes = 0
         self._last_sync = time.monotonic()
 
-        self._thread = threading.Thread(target=self._run, name=f"wal-writer {wal_dir}", daemon=True)
-        self._thread.start()
+        self.background = background  # False: the caller commits with flush()
+        # Caller mode: flush() may be called by the owner and by close() in another
+        # thread; one at a time, in order.
+        self._flush_lock = threading.Lock()
+        self._retry_write_at = 0.0  # after a full disk, flush() waits until then
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(
+                target=self._run, name=f"wal-writer {wal_dir}", daemon=True
+            )
+            self._thread.start()
 
     # --- opening -------------------------------------------------------------------
 
@@ -372,7 +388,8 @@ class Writer:
     def request_sync(self) -> None:
         """Ask for a sync now (async mode syncs on its interval otherwise)."""
         self._sync_requested = True
-        self._wake.set()
+        if self._thread is not None:
+            self._wake.set()
 
     # --- appending -----------------------------------------------------------------
 
@@ -409,13 +426,15 @@ class Writer:
         size = _nbytes(payload)
         if size > _MAX:
             raise fmt.PayloadTooLarge(size)
+        if wait and self._thread is None and self._queued_entries >= self.buffer_entries:
+            self.flush()  # waiting for room, in caller mode: make it
         timestamp = time.time_ns() // 1000
         frame = _pack_header(size, timestamp, _crc32(payload)) + payload
         with self._lock:
             if self._closing or self._failed is not None:
                 self._refuse_closed()
             if self._queued_entries >= self.buffer_entries:
-                if not wait:
+                if not wait or self._thread is None:
                     self.dropped_entries += 1
                     raise WALDropped(self._queued_entries)
                 self._wait_for_room(1, timeout)
@@ -426,7 +445,7 @@ class Writer:
             self._queued_entries += 1
             if self._replication_hook is not None or self._batch_hook is not None:
                 self._call_hooks([ReplicationEntry(seq, timestamp, bytes(payload))])
-        if len(queue) == 1:
+        if len(queue) == 1 and self._thread is not None:
             self._wake.set()
         return seq
 
@@ -507,9 +526,11 @@ class Writer:
         """Queue n entries already framed in chunks; hook_entries(first) builds hook input."""
         if not n:
             raise ValueError("nothing to append")
+        if wait and self._thread is None and self._queued_entries + n > self.buffer_entries:
+            self.flush()  # waiting for room, in caller mode: make it
         with self._lock:
             if self._queued_entries and self._queued_entries + n > self.buffer_entries:
-                if not wait:
+                if not wait or self._thread is None:
                     self.dropped_entries += n
                     raise WALDropped(self._queued_entries)
                 self._wait_for_room(n, timeout)
@@ -524,7 +545,7 @@ class Writer:
             self._queued_entries += n
             if self._replication_hook is not None or self._batch_hook is not None:
                 self._call_hooks(hook_entries(first))
-        if was_empty:
+        if was_empty and self._thread is not None:
             self._wake.set()
         return first, first + n - 1
 
@@ -575,6 +596,22 @@ class Writer:
 
     def _wait_progress(self, seq: int, timeout: float | None, *, durable: bool) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Nobody else commits in caller mode: do it here (before taking _progress,
+        # which a sync takes too), again after a full disk kept the entries queued.
+        while self._thread is None and not self._closing and self._failed is None:
+            if durable and self.sync_mode is SyncMode.ASYNC:
+                self._sync_requested = True
+            self.flush()
+            if (self._durable if durable else self._committed) >= seq:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DurabilityTimeout(seq, timeout)
+            time.sleep(
+                WRITE_RETRY_INTERVAL_S
+                if remaining is None
+                else min(remaining, WRITE_RETRY_INTERVAL_S)
+            )
         with self._progress:
             if durable:
                 self._durable_waiters += 1
@@ -588,14 +625,68 @@ class Writer:
         while (self._durable if durable else self._committed) < seq:
             if self._failed is not None:
                 self._refuse_closed()
-            if self._closing and not self._thread.is_alive():
+            if self._closing and (self._thread is None or not self._thread.is_alive()):
                 raise WALClosed(f"writer closed before sequence {seq} was durable")
-            if durable and self.sync_mode is SyncMode.ASYNC:
+            if durable and self.sync_mode is SyncMode.ASYNC and self._thread is not None:
                 self._wake.set()  # someone waits: sync now rather than at the interval
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise DurabilityTimeout(seq, timeout)
             self._progress.wait(remaining)
+
+    # --- committing in the caller's thread ---------------------------------------
+
+    def flush(self) -> int:
+        """Commit what is queued, here and now; return the durable sequence.
+
+        For a writer made with ``background=False`` (with the thread, this only wakes
+        it). Everything queued goes out in one write, the sync mode decides the sync
+        (async mode: when its interval, byte threshold or request_sync() makes one
+        due), and the commit and durable hooks run in this thread before it returns.
+        A full disk keeps the entries queued with their sequences, for a later flush
+        to retry; any other failure stops the writer as in thread mode (later appends
+        raise WALFailed).
+        """
+        if self._thread is not None:
+            self._wake.set()
+            return self._durable
+        if not self._closing and time.monotonic() < self._retry_write_at:
+            return self._durable  # the disk was full a moment ago: retry at the interval
+        with self._flush_lock:
+            with self._lock:
+                chunks, count = self._queue, self._queued_entries
+                self._queue = []
+                self._queued_entries = 0
+                closing = self._closing
+            if self._failed is not None:
+                return self._durable
+            try:
+                if chunks:
+                    self._write_group(chunks, count)
+                if self._sync_due(closing):
+                    with self._files_lock:
+                        self._sync_now()
+            except OSError as exc:
+                if chunks and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not closing:
+                    self.write_errors += 1
+                    log.error(
+                        "WAL write failed (%s); %d entries from sequence %d wait for the "
+                        "next flush",
+                        exc,
+                        count,
+                        self._written_next,
+                    )
+                    with self._lock:
+                        self._queue[:0] = chunks
+                        self._queued_entries += count
+                    self._retry_write_at = time.monotonic() + WRITE_RETRY_INTERVAL_S
+                else:
+                    self._fail(exc)
+            except BaseException as exc:
+                self._fail(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            return self._durable
 
     # --- the writer thread ---------------------------------------------------------
 
@@ -793,8 +884,13 @@ class Writer:
         with self._lock:
             self._closing = True
             self._room.notify_all()
-        self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is None:
+            self.flush()
+            with self._files_lock:
+                self._close_active()
+        else:
+            self._wake.set()
+            self._thread.join(timeout)
         with self._progress:
             self._progress.notify_all()
         if self._failed is not None:
@@ -807,6 +903,11 @@ class Writer:
         self.close()
 
     # --- positions and stats -------------------------------------------------------
+
+    @property
+    def queued_entries(self) -> int:
+        """Entries appended and not yet written."""
+        return self._queued_entries
 
     def current_sequence(self) -> int:
         """The last sequence assigned (0 if none ever was)."""

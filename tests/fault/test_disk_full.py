@@ -130,6 +130,40 @@ def test_writer_waits_on_a_full_disk_and_resumes_even_across_a_rotation(tmpfs):
     assert all(e[2] == payload for e in entries)
 
 
+def test_caller_mode_writer_keeps_its_queue_on_a_full_disk_and_a_later_flush_writes_it(tmpfs):
+    """background=False: flush() keeps the group queued with its sequences on ENOSPC."""
+    fs = tmpfs("fs", "1m")
+    wal_dir = os.path.join(fs.path, "wal")
+    payload = b"y" * 200
+    w = node.Writer(wal_dir, background=False)
+    try:
+        seq = w.append_raw(payload, durable=True, timeout=10)
+        assert fs.fill() > 0
+        queued = [w.append_raw_nowait(payload) for _ in range(20)]
+        assert w.flush() == seq  # nothing more is durable, and nothing is lost
+        assert w.stats().write_errors == 1
+        assert w.stats().queued_entries == 20
+        done: dict[str, object] = {}
+
+        def wait_durably() -> None:
+            try:
+                w.wait_durable(queued[-1], timeout=30)  # retries the flush meanwhile
+                done["durable"] = w.durable_sequence()
+            except Exception as exc:  # reported by the assertion below
+                done["durable"] = exc
+
+        waiter = threading.Thread(target=wait_durably)
+        waiter.start()
+        wait_for(lambda: w.stats().write_errors >= 2, 10, "the waiting call to retry")
+        fs.free()
+        waiter.join(30)
+        assert done.get("durable") == queued[-1], done
+    finally:
+        w.close()
+    entries = list(node.WALReader(wal_dir).raw_entries())
+    assert [e[0] for e in entries] == list(range(1, queued[-1] + 1))
+
+
 @pytest.mark.timeout(240)
 def test_leader_on_a_full_disk_waits_loses_nothing_and_resumes(tmp_path, tmpfs):
     base = str(tmp_path / "c")
