@@ -10,7 +10,6 @@ may still have been committed, so it is never reported as failed.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -62,7 +61,7 @@ class Client:
         # Names this client's requests, so the leader recognises a retry.
         self.client_id = client_id or secrets.token_hex(8)
         self._ids = itertools.count(1)
-        self._waiting: dict[int, trio.MemorySendChannel] = {}
+        self._waiting: dict[int, _Answer] = {}
         self._send_lock = trio.Lock()
 
     async def append(self, payload: bytes, *, ack: str | None = None, **options) -> int:
@@ -125,8 +124,7 @@ class Client:
     async def _send(self, request: wire.Append, retries: int, attempts_before: int = 0) -> Receipt:
         request_id = request.request_id
         data = wire.encode(request)
-        reply_in, reply_out = trio.open_memory_channel(retries + 1 + attempts_before)
-        self._waiting[request_id] = reply_in
+        answer = self._waiting[request_id] = _Answer()
         try:
             attempt = attempts_before
             reply = None
@@ -134,7 +132,8 @@ class Client:
                 attempt += 1
                 with trio.move_on_after(self.timeout):
                     await zmqtrio.send_in_turn(self._socket, self._send_lock, [data])
-                    reply = await reply_out.receive()
+                    await answer.arrived.wait()
+                reply = answer.message
             if reply is None:
                 raise AppendUnknown(
                     f"no answer from the leader within {self.timeout} s for request "
@@ -151,16 +150,33 @@ class Client:
 
     async def _receive_loop(self) -> None:
         while True:
-            data = await self._socket.recv()
-            try:
-                reply = wire.decode(data)
-            except wire.BadMessage:
-                continue  # nothing to match it to; the request times out as unknown
-            request_id = getattr(reply, "request_id", None)
-            channel = self._waiting.get(request_id)
-            if channel is not None:
-                with contextlib.suppress(trio.WouldBlock):  # a late duplicate answer
-                    channel.send_nowait(reply)
+            self._deliver(await self._socket.recv())
+            # Replies that arrived together are taken without a scheduler pass each.
+            for _ in range(zmqtrio.DRAIN_MAX_MESSAGES):
+                try:
+                    self._deliver(self._socket.recv_nowait())
+                except zmqtrio.WouldBlock:
+                    break
+
+    def _deliver(self, data: bytes) -> None:
+        try:
+            reply = wire.decode(data)
+        except wire.BadMessage:
+            return  # nothing to match it to; the request times out as unknown
+        answer = self._waiting.get(getattr(reply, "request_id", None))
+        if answer is not None and answer.message is None:  # else a late duplicate
+            answer.message = reply
+            answer.arrived.set()
+
+
+class _Answer:
+    """The leader's answer to one request, once the receive loop has it."""
+
+    __slots__ = ("arrived", "message")
+
+    def __init__(self) -> None:
+        self.arrived = trio.Event()
+        self.message: wire.Message | None = None
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
