@@ -1,9 +1,13 @@
 """The leader service: ingest from clients, publish committed runs, serve fetches.
 
 Shell only: decisions live in protocol.LeaderProtocol, bytes move through the
-zmqtrio adapter, entries go through node.Writer. The writer's background thread
-reports commits and syncs; they cross into trio with run_sync_soon, so nothing
-here ever blocks the trio loop on a disk write.
+zmqtrio adapter, entries go through node.Writer.
+
+In a syncing mode the ingest loop commits each burst of requests itself with
+Writer.flush(): the trio loop blocks for one write + fdatasync per burst, which
+costs less here than handing every commit to a thread and back (see README,
+Performance), at the price that a disk stall stalls the whole leader. In async
+mode the writer's thread commits and reports through run_sync_soon.
 """
 
 from __future__ import annotations
@@ -115,7 +119,6 @@ class Leader:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         token = trio.lowlevel.current_trio_token()
         commits_in, commits_out = trio.open_memory_channel(math.inf)
-        durable_in, durable_out = trio.open_memory_channel(math.inf)
 
         def from_thread(channel, value):
             try:
@@ -127,9 +130,11 @@ class Leader:
             self.writer.set_commit_hook(lambda run: from_thread(commits_in, run))
         else:  # flush() runs in this trio thread
             self.writer.set_commit_hook(commits_in.send_nowait)
+        durable_out = None
         if self.writer.sync_mode is node.SyncMode.ASYNC:
             # Syncing modes commit only what is synced, so the commit hook already says
             # it; a second cross-thread call per group would only cost a task switch.
+            durable_in, durable_out = trio.open_memory_channel(math.inf)
             self.writer.set_durable_hook(lambda seq: from_thread(durable_in, seq))
         ctx = zmqtrio.new_context()
         readers_opts, clients_opts = self._curve_options()
@@ -156,7 +161,8 @@ class Leader:
                 if zap is not None:
                     nursery.start_soon(self._zap_loop, zap)
                 nursery.start_soon(self._publish_loop, commits_out)
-                nursery.start_soon(self._durable_loop, durable_out)
+                if durable_out is not None:
+                    nursery.start_soon(self._durable_loop, durable_out)
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._control_loop)
                 nursery.start_soon(self._ingest_loop)

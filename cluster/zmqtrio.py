@@ -559,9 +559,11 @@ async def send_in_turn(sock: TrioSocket, lock: trio.Lock, frames: list[_Buffer])
     Several tasks share a socket and must not interleave their waits, so a sender
     that finds no room waits holding ``lock``. When nobody holds it and libzmq has
     room, the message goes out at once with no scheduler pass: on the hot paths
-    (replies, acks) that pass costs more than the send, once per message. This is
-    not a checkpoint in that case, which callers that loop must keep in mind.
+    (replies, acks) that pass costs more than the send, once per message. A call
+    whose scope is already cancelled sends nothing, but one that sends at once
+    does not yield, which callers that loop must keep in mind.
     """
+    await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled send sends nothing
     if not lock.locked():
         try:
             sock.send_multipart_nowait(frames)

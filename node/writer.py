@@ -1,9 +1,10 @@
 """The WAL writer: sequences, group commit, sync modes, rotation, purges, repair on open.
 
 Callers append from any thread; each accepted entry gets the next sequence at once
-and waits in an in-memory queue. One background thread takes everything queued,
-writes it with one ``write`` and covers it with one sync (group commit), then moves
-the committed and durable sequences and fires the commit hook with the exact bytes
+and waits in an in-memory queue. One background thread (or, with
+``background=False``, the caller's ``flush()``) takes everything queued, writes it
+with one ``write`` and covers it with one sync (group commit), then moves the
+committed and durable sequences and fires the commit hook with the exact bytes
 written. An entry refused (queue full, too large, writer closed) gets no sequence
 and reaches no hook.
 
@@ -69,7 +70,8 @@ class SyncMode(enum.StrEnum):
 
 
 class WALDropped(fmt.WALError):
-    """The queue is full and the caller asked not to wait. The entry got no sequence."""
+    """The queue is full and the caller asked not to wait (or, with background=False,
+    a concurrent append took the room a flush made). The entry got no sequence."""
 
     def __init__(self, queued: int):
         super().__init__(f"WAL entry dropped: queue full ({queued} entries waiting)")
@@ -372,7 +374,10 @@ class Writer:
             self._batch_hook = hook
 
     def set_commit_hook(self, hook: Callable[[CommittedRun], None] | None) -> None:
-        """Called from the writer thread each time a run of entries is committed.
+        """Called each time a run of entries is committed: from the writer thread, or
+        with background=False from whichever thread commits (flush(), close(), a
+        waiting append or wait_*), so a hook that is not thread-safe must only be
+        installed while one thread does all of those.
 
         Committed means written and synced in the fsync and fdatasync modes, and
         written to the OS in async mode. This is where replication publishes.
@@ -381,7 +386,8 @@ class Writer:
             self._commit_hook = hook
 
     def set_durable_hook(self, hook: Callable[[int], None] | None) -> None:
-        """Called from the writer thread with the new durable sequence after each sync."""
+        """Called with the new durable sequence after each sync, from the same thread
+        as the commit hook (see set_commit_hook)."""
         with self._lock:
             self._durable_hook = hook
 
@@ -426,8 +432,8 @@ class Writer:
         size = _nbytes(payload)
         if size > _MAX:
             raise fmt.PayloadTooLarge(size)
-        if wait and self._thread is None and self._queued_entries >= self.buffer_entries:
-            self.flush()  # waiting for room, in caller mode: make it
+        if wait and self._thread is None:
+            self._make_room_here(1, timeout)
         timestamp = time.time_ns() // 1000
         frame = _pack_header(size, timestamp, _crc32(payload)) + payload
         with self._lock:
@@ -526,8 +532,8 @@ class Writer:
         """Queue n entries already framed in chunks; hook_entries(first) builds hook input."""
         if not n:
             raise ValueError("nothing to append")
-        if wait and self._thread is None and self._queued_entries + n > self.buffer_entries:
-            self.flush()  # waiting for room, in caller mode: make it
+        if wait and self._thread is None:
+            self._make_room_here(n, timeout)
         with self._lock:
             if self._queued_entries and self._queued_entries + n > self.buffer_entries:
                 if not wait or self._thread is None:
@@ -548,6 +554,27 @@ class Writer:
         if was_empty and self._thread is not None:
             self._wake.set()
         return first, first + n - 1
+
+    def _make_room_here(self, n: int, timeout: float | None) -> None:
+        """Caller mode's wait for room: commit the queue in this thread, and while a
+        full disk keeps it queued, retry at the interval until the timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queued_entries and self._queued_entries + n > self.buffer_entries:
+            if self._closing or self._failed is not None:
+                return  # the append refuses under the lock
+            self.flush()
+            if not (self._queued_entries and self._queued_entries + n > self.buffer_entries):
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(
+                    f"no room in the WAL queue within {timeout} s; the entry was not accepted"
+                )
+            time.sleep(
+                WRITE_RETRY_INTERVAL_S
+                if remaining is None
+                else min(remaining, WRITE_RETRY_INTERVAL_S)
+            )
 
     def _wait_for_room(self, n: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -596,6 +623,9 @@ class Writer:
 
     def _wait_progress(self, seq: int, timeout: float | None, *, durable: bool) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._thread is None and self._closing:
+            with self._flush_lock:
+                pass  # close() may be writing it: its flush decides
         # Nobody else commits in caller mode: do it here (before taking _progress,
         # which a sync takes too), again after a full disk kept the entries queued.
         while self._thread is None and not self._closing and self._failed is None:
@@ -645,7 +675,8 @@ class Writer:
         due), and the commit and durable hooks run in this thread before it returns.
         A full disk keeps the entries queued with their sequences, for a later flush
         to retry; any other failure stops the writer as in thread mode (later appends
-        raise WALFailed).
+        raise WALFailed). Nothing runs on a timer in this mode: in async mode the
+        caller must flush at least every sync_interval_s for that bound to hold.
         """
         if self._thread is not None:
             self._wake.set()

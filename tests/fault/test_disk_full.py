@@ -5,6 +5,7 @@ Root only: the WAL lives on a small tmpfs that the test fills with a file and th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -143,6 +144,18 @@ def test_caller_mode_writer_keeps_its_queue_on_a_full_disk_and_a_later_flush_wri
         assert w.flush() == seq  # nothing more is durable, and nothing is lost
         assert w.stats().write_errors == 1
         assert w.stats().queued_entries == 20
+        small = node.Writer(os.path.join(fs.path, "small"), background=False, buffer_entries=5)
+        try:
+            for _ in range(5):
+                small.append_raw_nowait(payload)
+            small.flush()  # the disk is full: the five stay queued
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                small.append_raw(payload, timeout=0.6)  # waits, retrying, then gives up
+            assert time.monotonic() - started >= 0.6
+        finally:
+            with contextlib.suppress(node.WALFailed):
+                small.close()  # on a full disk the queued entries cannot be written
         done: dict[str, object] = {}
 
         def wait_durably() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import pytest
 import walhelpers
@@ -129,3 +131,21 @@ def test_flush_on_a_background_writer_only_wakes_its_thread(tmp_path):
         w.wait_durable(seq, timeout=5)
     finally:
         w.close()
+
+
+def test_waiting_for_an_entry_that_close_is_writing_succeeds(tmp_path):
+    closing = threading.Event()
+
+    def slow_sync(fd: int) -> None:
+        closing.set()  # close() has started its flush
+        time.sleep(0.3)
+        os.fdatasync(fd)
+
+    w = _writer(tmp_path, sync_file=slow_sync)
+    seq = w.append_raw_nowait(b"written by close")
+    closer = threading.Thread(target=w.close)
+    closer.start()
+    assert closing.wait(5)
+    w.wait_durable(seq, timeout=5)  # not WALClosed: close() makes it durable
+    closer.join(5)
+    assert w.durable_sequence() == seq
