@@ -29,6 +29,9 @@ class LeaderConfig:
     publish: str = "tcp://127.0.0.1:7101"
     control: str = "tcp://127.0.0.1:7102"
     sync_mode: str = "fdatasync"
+    # Commit on a writer thread instead of in the event loop (see README, Performance):
+    # costs latency, but a disk that stalls for seconds then stalls only the commits.
+    writer_thread: bool = False
     default_ack: str = "local"
     # Messages queued per subscriber before PUB drops (readers then fetch the gap).
     publish_hwm: int = 1000
@@ -61,6 +64,7 @@ class ReaderConfig:
     leader_publish: str = "tcp://127.0.0.1:7101"
     leader_control: str = "tcp://127.0.0.1:7102"
     sync_mode: str = "fdatasync"
+    writer_thread: bool = False  # as for the leader
     buffer_entries: int = 100_000
     max_segment_bytes: int = 64 * 1024 * 1024
     receive_hwm: int = 10_000  # messages the SUB socket queues before it drops

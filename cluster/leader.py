@@ -71,7 +71,7 @@ class Leader:
             # In a syncing mode the ingest loop commits each burst of requests itself
             # (Writer.flush, group commit all the same): no hand-off to a writer thread
             # and back on the commit path. Async mode keeps the thread for its timer.
-            background=config.sync_mode == node.SyncMode.ASYNC,
+            background=config.writer_thread or config.sync_mode == node.SyncMode.ASYNC,
         )
         meta = load_meta(config.wal_dir)
         log_id = meta.get("log_id")

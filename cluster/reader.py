@@ -64,7 +64,7 @@ class Reader:
             repair="cut",  # self-healing: damage is cut off and fetched again
             # In a syncing mode this loop commits what it appended (Writer.flush),
             # then acks: no hand-off to a writer thread and back on the ack path.
-            background=config.sync_mode == node.SyncMode.ASYNC,
+            background=config.writer_thread or config.sync_mode == node.SyncMode.ASYNC,
         )
         _report_self_heal(self.writer)
         meta = load_meta(config.wal_dir)

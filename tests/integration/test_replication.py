@@ -273,3 +273,20 @@ def test_garbage_on_every_leader_socket_is_logged_and_survived(cluster):
     load(cluster, 100)
     assert cluster.leader.running()
     assert assert_identical(cluster) == 100
+
+
+def test_writer_thread_option_replicates_the_same(tmp_path):
+    """--writer-thread commits on the WAL's thread, as before the event-loop commit."""
+    cluster = LocalCluster(
+        str(tmp_path / "c"),
+        readers=2,
+        leader_extra=["--writer-thread"],
+        reader_extra=["--writer-thread"],
+    )
+    try:
+        cluster.start()
+        wait_started(cluster.leader, "leader-started")
+        load(cluster, 20_000, "--ack", "replicas=2", "--batch", "20")
+        assert assert_identical(cluster) == 20_000
+    finally:
+        cluster.stop()
