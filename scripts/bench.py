@@ -72,7 +72,6 @@ FULL = {
     "scan_entries": 1_000_000,
     "scan_segments": 10,
     "open_repeats": 5,
-    "fsync_samples": 1000,
     "repl_entries": 1_000_000,
     "repl_batch": 1000,
     "repl_inflight": 16,
@@ -99,7 +98,6 @@ QUICK = dict(
     wal_entries=200_000,
     wal_repeats=1,
     open_repeats=3,
-    fsync_samples=300,
     repl_entries=300_000,
     repl_repeats=1,
     redis_shapes=[(16, 1000)],
@@ -593,19 +591,29 @@ def section_local(cfg: dict, base: str) -> tuple[list[dict], dict]:
 
 
 def fsync_latency(cfg: dict, base: str, entries: int = 10, size: int = 100) -> dict:
-    """os.write of one request's frames + fdatasync, repeated: the disk's floor."""
+    """os.write of one request's frames + fdatasync, paced like the latency runs (one
+    per request at latency_rate entries/s, for latency_seconds): the disk's floor.
+
+    Paced over the same time on purpose: this disk's fdatasync stalls for 7-18 ms
+    about every 5 s (ext4's journal commit), which a burst of back-to-back samples
+    would mostly miss, while every latency run meets it.
+    """
     path = os.path.join(base, "fsync-probe.wal")
     block = fmt.encode_entry(time.time_ns() // 1000, os.urandom(size)) * entries
+    interval = entries / cfg["latency_rate"]
+    count = int(cfg["latency_seconds"] / interval)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     samples = []
     try:
         os.write(fd, fmt.FILE_HEADER)
         os.fdatasync(fd)
-        for _ in range(cfg["fsync_samples"]):
+        began = time.monotonic()
+        for i in range(count):
             started = time.perf_counter()
             os.write(fd, block)
             os.fdatasync(fd)
             samples.append(time.perf_counter() - started)
+            time.sleep(max(0.0, began + (i + 1) * interval - time.monotonic()))
     finally:
         os.close(fd)
         os.unlink(path)
@@ -772,7 +780,7 @@ def section_latency(cfg: dict, base: str) -> tuple[list[dict], dict]:
                 + ("" if batch == 10 else f", requests of {batch}"),
                 lat["p99"],
                 f"{lat['p50']:.2f}/{lat['p99']:.2f}/{lat['p99.9']:.2f} ms",
-                f"write {batch} frames + fdatasync",
+                f"write {batch} frames + fdatasync, paced alike",
                 floor["p99"],
                 f"{floor['p50']:.2f}/{floor['p99']:.2f}/{floor['p99.9']:.2f} ms",
                 key=f"latency_{ack}" if batch == 10 else f"latency_{ack}_batch{batch}",
