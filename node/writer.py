@@ -570,11 +570,7 @@ class Writer:
                 raise TimeoutError(
                     f"no room in the WAL queue within {timeout} s; the entry was not accepted"
                 )
-            time.sleep(
-                WRITE_RETRY_INTERVAL_S
-                if remaining is None
-                else min(remaining, WRITE_RETRY_INTERVAL_S)
-            )
+            time.sleep(_retry_pause(remaining))
 
     def _wait_for_room(self, n: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -637,11 +633,7 @@ class Writer:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise DurabilityTimeout(seq, timeout)
-            time.sleep(
-                WRITE_RETRY_INTERVAL_S
-                if remaining is None
-                else min(remaining, WRITE_RETRY_INTERVAL_S)
-            )
+            time.sleep(_retry_pause(remaining))
         with self._progress:
             if durable:
                 self._durable_waiters += 1
@@ -692,27 +684,11 @@ class Writer:
             if self._failed is not None:
                 return self._durable
             try:
-                if chunks:
-                    self._write_group(chunks, count)
-                if self._sync_due(closing):
-                    with self._files_lock:
-                        self._sync_now()
-            except OSError as exc:
-                if chunks and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not closing:
-                    self.write_errors += 1
-                    log.error(
-                        "WAL write failed (%s); %d entries from sequence %d wait for the "
-                        "next flush",
-                        exc,
-                        count,
-                        self._written_next,
-                    )
-                    with self._lock:
+                if not self._commit(chunks, count, closing):
+                    with self._lock:  # in front of what was appended meanwhile
                         self._queue[:0] = chunks
                         self._queued_entries += count
                     self._retry_write_at = time.monotonic() + WRITE_RETRY_INTERVAL_S
-                else:
-                    self._fail(exc)
             except BaseException as exc:
                 self._fail(exc)
                 if not isinstance(exc, Exception):
@@ -720,6 +696,31 @@ class Writer:
             return self._durable
 
     # --- the writer thread ---------------------------------------------------------
+
+    def _commit(self, chunks: list[bytes], count: int, closing: bool) -> bool:
+        """Write a group (if any) and sync if one is due; both modes commit through here.
+
+        False when a full disk refused the write: counted and logged, and the caller
+        keeps the group, whose sequences are promised, to retry. Other errors raise.
+        """
+        try:
+            if chunks:
+                self._write_group(chunks, count)
+            if self._sync_due(closing):
+                with self._files_lock:
+                    self._sync_now()
+        except OSError as exc:
+            if chunks and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not closing:
+                self.write_errors += 1
+                log.error(
+                    "WAL write failed (%s); %d entries from sequence %d wait to be retried",
+                    exc,
+                    count,
+                    self._written_next,
+                )
+                return False
+            raise
+        return True
 
     def _run(self) -> None:
         retry_group: tuple[list[bytes], int] | None = None
@@ -739,32 +740,16 @@ class Writer:
                 with self._lock:
                     closing = self._closing
             try:
-                if chunks:
-                    self._write_group(chunks, count)
+                if not self._commit(chunks, count, closing):
+                    retry_group = (chunks, count)
+                    time.sleep(WRITE_RETRY_INTERVAL_S)
+                    self._wake.set()  # retry now, not when the next append comes
+                    continue
                 if retry_group is not None:
                     # Appends made while we retried found a non-empty queue and did not
                     # wake us: take what they queued now.
                     self._wake.set()
                 retry_group = None
-                if self._sync_due(closing):
-                    with self._files_lock:
-                        self._sync_now()
-            except OSError as exc:
-                if chunks and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not closing:
-                    # Keep the group: its sequences are promised. Retry until space frees.
-                    self.write_errors += 1
-                    log.error(
-                        "WAL write failed (%s); %d entries from sequence %d wait; retrying",
-                        exc,
-                        count,
-                        self._written_next,
-                    )
-                    retry_group = (chunks, count)
-                    time.sleep(WRITE_RETRY_INTERVAL_S)
-                    self._wake.set()  # retry now, not when the next append comes
-                    continue
-                self._fail(exc)
-                return
             except BaseException as exc:  # the thread must report, never die silently
                 self._fail(exc)
                 return
@@ -1060,6 +1045,10 @@ def _frame_payloads(payloads: Sequence[bytes]):
 def _nbytes(payload) -> int:
     """The size in bytes: len() of a memoryview counts items, which may be wider."""
     return len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+
+
+def _retry_pause(remaining: float | None) -> float:
+    return WRITE_RETRY_INTERVAL_S if remaining is None else min(remaining, WRITE_RETRY_INTERVAL_S)
 
 
 def _remaining(deadline: float | None) -> float | None:

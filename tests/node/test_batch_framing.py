@@ -34,6 +34,14 @@ TIMESTAMP_US = 1_764_000_000_123_456
 MAX = fmt.MAX_PAYLOAD_BYTES
 
 
+@pytest.fixture(
+    params=[pytest.param(True, marks=needs_c, id="c"), pytest.param(False, id="python")]
+)
+def writer_framing(request, monkeypatch):
+    """Writers made in the test frame batches in C, or with the Python loop."""
+    monkeypatch.setattr(writer, "_frame_fast", _scan.frame_payloads if request.param else None)
+
+
 def frame(payloads, *, fast: bool):
     """(data, count, hook entries from sequence 1) of _frame_payloads, at TIMESTAMP_US."""
     saved_fast, saved_time = writer._frame_fast, writer.time
@@ -197,8 +205,8 @@ def test_frame_payloads_keeps_no_references():
 # --- through a real Writer ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("fast", [pytest.param(True, marks=needs_c), False], ids=["c", "python"])
-def test_writer_files_read_back(tmp_path, fast):
+@pytest.mark.usefixtures("writer_framing")
+def test_writer_files_read_back(tmp_path):
     wal_dir = str(tmp_path / "wal")
     batches = [
         [walhelpers.payload_for(seq) for seq in range(1, 1001)],
@@ -206,17 +214,12 @@ def test_writer_files_read_back(tmp_path, fast):
         [_random(100, 10)] * 3000,
     ]
     expected = [bytes(p) for batch in batches for p in batch]
-    saved = writer._frame_fast
-    writer._frame_fast = _scan.frame_payloads if fast else None
+    w = node.Writer(wal_dir, sync_mode="async")
     try:
-        w = node.Writer(wal_dir, sync_mode="async")
-        try:
-            ranges = [w.append_batch(batch) for batch in batches]
-            w.wait_durable(w.current_sequence(), timeout=20)
-        finally:
-            w.close()
+        ranges = [w.append_batch(batch) for batch in batches]
+        w.wait_durable(w.current_sequence(), timeout=20)
     finally:
-        writer._frame_fast = saved
+        w.close()
     assert ranges == [(1, 1000), (1001, 1004), (1005, 4004)]
     entries, problems = walhelpers.read_all(wal_dir)
     assert problems == []
@@ -229,51 +232,41 @@ def test_writer_files_read_back(tmp_path, fast):
     assert [f.payload for path in paths for f in walhelpers.frames_of(path)] == expected
 
 
-@pytest.mark.parametrize("fast", [pytest.param(True, marks=needs_c), False], ids=["c", "python"])
-def test_writer_frames_a_wide_memoryview_by_its_bytes(tmp_path, fast):
+@pytest.mark.usefixtures("writer_framing")
+def test_writer_frames_a_wide_memoryview_by_its_bytes(tmp_path):
     # len() of this view is 3 (items), its payload is 12 bytes: both the batch path
     # and the one-entry path must write 12 as the entry's length.
     view = memoryview(array.array("I", [1, 2, 3]))
     wal_dir = str(tmp_path / "wal")
-    saved = writer._frame_fast
-    writer._frame_fast = _scan.frame_payloads if fast else None
+    w = node.Writer(wal_dir, sync_mode="async")
     try:
-        w = node.Writer(wal_dir, sync_mode="async")
-        try:
-            w.append_batch([view, b"next"])
-            w.append_raw(view)
-            w.wait_durable(w.current_sequence(), timeout=20)
-        finally:
-            w.close()
+        w.append_batch([view, b"next"])
+        w.append_raw(view)
+        w.wait_durable(w.current_sequence(), timeout=20)
     finally:
-        writer._frame_fast = saved
+        w.close()
     entries, problems = walhelpers.read_all(wal_dir)
     assert problems == []
     assert [p for _seq, _ts, p in entries] == [view.tobytes(), b"next", view.tobytes()]
 
 
-@pytest.mark.parametrize("fast", [pytest.param(True, marks=needs_c), False], ids=["c", "python"])
-def test_writer_refused_batch_adds_nothing(tmp_path, fast):
+@pytest.mark.usefixtures("writer_framing")
+def test_writer_refused_batch_adds_nothing(tmp_path):
     wal_dir = str(tmp_path / "wal")
     seen: list = []
-    saved = writer._frame_fast
-    writer._frame_fast = _scan.frame_payloads if fast else None
+    w = node.Writer(wal_dir, sync_mode="async")
+    w.set_batch_hook(seen.append)
     try:
-        w = node.Writer(wal_dir, sync_mode="async")
-        w.set_batch_hook(seen.append)
-        try:
-            assert w.append_batch([b"one"]) == (1, 1)
-            with pytest.raises(fmt.PayloadTooLarge):
-                w.append_batch([b"two", bytes(MAX + 1)])
-            with pytest.raises(TypeError):
-                w.append_batch([b"two", "text"])
-            assert w.current_sequence() == 1
-            assert w.append_batch([b"two", b"three"]) == (2, 3)
-            w.wait_durable(3, timeout=20)
-        finally:
-            w.close()
+        assert w.append_batch([b"one"]) == (1, 1)
+        with pytest.raises(fmt.PayloadTooLarge):
+            w.append_batch([b"two", bytes(MAX + 1)])
+        with pytest.raises(TypeError):
+            w.append_batch([b"two", "text"])
+        assert w.current_sequence() == 1
+        assert w.append_batch([b"two", b"three"]) == (2, 3)
+        w.wait_durable(3, timeout=20)
     finally:
-        writer._frame_fast = saved
+        w.close()
     entries, problems = walhelpers.read_all(wal_dir)
     assert problems == []
     assert [(seq, p) for seq, _ts, p in entries] == [(1, b"one"), (2, b"two"), (3, b"three")]
