@@ -37,6 +37,28 @@ async def run_load(args) -> int:
             paced_from = trio.current_time()  # trio's clock, not time.monotonic()
             ack_level = args.ack or "leader-default"
 
+            def record(first_id, n, seq_first, outcome, attempts):
+                results = [
+                    (first_id + i, None if seq_first is None else seq_first + i, outcome)
+                    for i in range(n)
+                ]
+                outcomes.extend(results)
+                if log_file is not None:
+                    for entry_id, seq, result in results:
+                        line = {
+                            "id": entry_id,
+                            "seq": seq,
+                            "outcome": result,
+                            "ack": ack_level,
+                            "attempts": attempts,
+                        }
+                        log_file.write(json.dumps(line) + "\n")
+                    log_file.flush()  # a history that survives this process being killed
+
+            # Protected from KeyboardInterrupt, which trio could otherwise raise at any
+            # line (between a reply and its history line, say): Ctrl-C reaches the
+            # workers as cancellation, at an await, where the handler below logs it.
+            @trio.lowlevel.enable_ki_protection
             async def worker():
                 nonlocal next_batch, failures
                 while next_batch < len(batches):
@@ -51,29 +73,21 @@ async def run_load(args) -> int:
                         receipt = await client.append_batch_receipt(
                             payloads, retries=args.retries, nowait=args.nowait
                         )
-                        latencies.append(time.monotonic() - sent_at)
-                        first, attempts = receipt.first_seq, receipt.attempts
-                        results = [(first_id + i, first + i, "ok") for i in range(n)]
                     except AppendUnknown as exc:
-                        attempts = exc.attempts
-                        results = [(first_id + i, None, "unknown") for i in range(n)]
+                        record(first_id, n, None, "unknown", exc.attempts)
                         failures += n
                     except AppendRefused as exc:
-                        attempts = exc.attempts
-                        results = [(first_id + i, None, "failed") for i in range(n)]
+                        record(first_id, n, None, "failed", exc.attempts)
                         failures += n
-                    outcomes.extend(results)
-                    if log_file is not None:
-                        for entry_id, seq, outcome in results:
-                            record = {
-                                "id": entry_id,
-                                "seq": seq,
-                                "outcome": outcome,
-                                "ack": ack_level,
-                                "attempts": attempts,
-                            }
-                            log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()  # a history that survives this process being killed
+                    except trio.Cancelled:
+                        # Interrupted (Ctrl-C, SIGINT) while in flight: the entries may
+                        # or may not be committed, and the history must say so, or a
+                        # checker would take them for appends nobody asked for.
+                        record(first_id, n, None, "unknown", 1)
+                        raise
+                    else:
+                        latencies.append(time.monotonic() - sent_at)
+                        record(first_id, n, receipt.first_seq, "ok", receipt.attempts)
 
             async with trio.open_nursery() as nursery:
                 for _ in range(min(args.inflight, len(batches))):

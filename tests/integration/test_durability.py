@@ -150,6 +150,50 @@ def test_local_acks_survive_leader_sigkill(cluster, tmp_path):
         assert payload_at(cluster.leader.wal_dir, record["seq"]) == payload_for(record["id"], SIZE)
 
 
+def test_load_interrupted_by_sigint_writes_every_entry_it_sent_to_the_history(cluster, tmp_path):
+    """Ctrl-C mid-run: requests in flight are logged as unknown, so the history
+    accounts for every entry the leader holds and none looks like a stray append."""
+    cluster.start()
+    wait_started(cluster.leader)
+    log = str(tmp_path / "h.jsonl")
+    load = subprocess.Popen(
+        walrep_command(
+            "load",
+            "--ingest",
+            cluster.ingest,
+            "--count",
+            "2000000",
+            "--batch",
+            "10",
+            "--inflight",
+            "64",
+            "--ack",
+            "local",
+            "--log",
+            log,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _lines(log) >= 5_000, 60, "acknowledgements")
+    finally:
+        os.kill(load.pid, signal.SIGINT)
+        load.wait(timeout=30)
+    assert cluster.leader.stop() == 0  # what it accepted is on disk
+    records = history(log)
+    logged = {r["id"]: r for r in records}
+    assert len(logged) == len(records)  # one line per entry
+    assert {r["outcome"] for r in records} <= {"ok", "unknown"}
+    held = {int(p[5:17]): seq for seq, p in all_payloads(cluster.leader.wal_dir).items()}
+    assert held, "nothing was appended"
+    strays = sorted(set(held) - set(logged))
+    assert not strays, f"{len(strays)} appended entries have no history line: {strays[:5]}"
+    for entry_id, record in logged.items():
+        if record["outcome"] == "ok":
+            assert held[entry_id] == record["seq"]
+
+
 def test_none_acks_are_answered_before_durability_and_kept_by_a_clean_stop(cluster):
     cluster.start()
     wait_started(cluster.leader)
