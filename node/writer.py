@@ -896,7 +896,11 @@ class Writer:
     # --- lifecycle -----------------------------------------------------------------
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop accepting, write and sync everything queued, close the files."""
+        """Stop accepting, write and sync everything queued, close the files.
+
+        timeout bounds the wait for the writer thread; with background=False the
+        commit runs here, in the caller, and is not bounded.
+        """
         with self._lock:
             self._closing = True
             self._room.notify_all()
