@@ -68,24 +68,8 @@ def test_replicas_1_survives_leader_sigkill_at_random_moments(tmp_path):
         wait_started(cluster.leader)
         for round_number in range(10):
             log = str(tmp_path / f"history-{round_number}.jsonl")
-            load = subprocess.Popen(
-                walrep_command(
-                    "load",
-                    "--ingest",
-                    cluster.ingest,
-                    "--count",
-                    "200000",
-                    "--batch",
-                    "50",
-                    "--ack",
-                    "replicas=1",
-                    "--timeout",
-                    "2",
-                    "--log",
-                    log,
-                ),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            load = start_load(
+                cluster, log, 200_000, "--batch", "50", "--ack", "replicas=1", "--timeout", "2"
             )
             try:
                 # A random moment: once a random number of entries were acknowledged.
@@ -119,27 +103,22 @@ def _lines(path: str) -> int:
         return 0
 
 
-def test_local_acks_survive_leader_sigkill(cluster, tmp_path):
-    cluster.start()
-    wait_started(cluster.leader)
-    log = str(tmp_path / "h.jsonl")
-    load = subprocess.Popen(
+def start_load(cluster: LocalCluster, log: str, count: int, *extra: str) -> subprocess.Popen:
+    """`walrep load` in the background, writing its history to log (stop it by pid)."""
+    return subprocess.Popen(
         walrep_command(
-            "load",
-            "--ingest",
-            cluster.ingest,
-            "--count",
-            "300000",
-            "--ack",
-            "local",
-            "--timeout",
-            "2",
-            "--log",
-            log,
+            "load", "--ingest", cluster.ingest, "--count", str(count), "--log", log, *extra
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def test_local_acks_survive_leader_sigkill(cluster, tmp_path):
+    cluster.start()
+    wait_started(cluster.leader)
+    log = str(tmp_path / "h.jsonl")
+    load = start_load(cluster, log, 300_000, "--ack", "local", "--timeout", "2")
     wait_for(lambda: _lines(log) >= 20_000, 60, "acknowledgements")
     cluster.leader.kill()
     os.kill(load.pid, signal.SIGINT)
@@ -156,24 +135,8 @@ def test_load_interrupted_by_sigint_writes_every_entry_it_sent_to_the_history(cl
     cluster.start()
     wait_started(cluster.leader)
     log = str(tmp_path / "h.jsonl")
-    load = subprocess.Popen(
-        walrep_command(
-            "load",
-            "--ingest",
-            cluster.ingest,
-            "--count",
-            "2000000",
-            "--batch",
-            "10",
-            "--inflight",
-            "64",
-            "--ack",
-            "local",
-            "--log",
-            log,
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    load = start_load(
+        cluster, log, 2_000_000, "--batch", "10", "--inflight", "64", "--ack", "local"
     )
     try:
         wait_for(lambda: _lines(log) >= 5_000, 60, "acknowledgements")
@@ -234,28 +197,20 @@ def test_load_retries_record_attempts_and_never_duplicate(tmp_path):
         cluster.leader.start()
         wait_started(cluster.leader)
         log = str(tmp_path / "h.jsonl")
-        load = subprocess.Popen(
-            walrep_command(
-                "load",
-                "--ingest",
-                cluster.ingest,
-                "--count",
-                "300",
-                "--batch",
-                "100",
-                "--inflight",
-                "1",
-                "--ack",
-                "replicas=1",
-                "--timeout",
-                "1",
-                "--retries",
-                "20",
-                "--log",
-                log,
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        load = start_load(
+            cluster,
+            log,
+            300,
+            "--batch",
+            "100",
+            "--inflight",
+            "1",
+            "--ack",
+            "replicas=1",
+            "--timeout",
+            "1",
+            "--retries",
+            "20",
         )
         # No reader yet: the first request goes unknown and is retried; then one starts.
         wait_for(lambda: "reader-hello" not in cluster.leader.log_text(), 5, "no reader")
