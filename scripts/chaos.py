@@ -403,7 +403,23 @@ def entry_offsets(path: str) -> list[tuple[int, int]]:
 # --- networks -----------------------------------------------------------------------------
 
 
-class NetnsNet:
+class _ProxyDelays:
+    """What both networks do alike: delay goes through the proxy in front of a reader."""
+
+    proxies: dict[str, Proxy]
+
+    def loss_percent(self, rng: random.Random) -> int:
+        return rng.randint(5, 30)
+
+    def delay(self, reader: str, seconds: float) -> str:
+        self.proxies[reader].command(f"delay {seconds}")
+        return f"proxy delays {reader} <-> leader by {seconds * 1000:.0f} ms each way"
+
+    def heal_delay(self, reader: str) -> None:
+        self.proxies[reader].command("delay 0")
+
+
+class NetnsNet(_ProxyDelays):
     """One namespace per node, veth pairs to a bridge in a namespace of its own."""
 
     kind = "netns"
@@ -537,16 +553,6 @@ class NetnsNet:
         self._nft(name, "flush", "chain", "inet", "walrep", "loss_in")
         self._nft(name, "flush", "chain", "inet", "walrep", "loss_out")
 
-    def loss_percent(self, rng: random.Random) -> int:
-        return rng.randint(5, 30)
-
-    def delay(self, reader: str, seconds: float) -> str:
-        self.proxies[reader].command(f"delay {seconds}")
-        return f"proxy delays {reader} <-> leader by {seconds * 1000:.0f} ms each way"
-
-    def heal_delay(self, reader: str) -> None:
-        self.proxies[reader].command("delay 0")
-
     def heal_all(self) -> None:
         for name in self.ns:
             with contextlib.suppress(CannotRun):
@@ -568,7 +574,7 @@ class NetnsNet:
             run(["ip", "netns", "del", ns], check=False)
 
 
-class LoopbackNet:
+class LoopbackNet(_ProxyDelays):
     """Everything on 127.0.0.1; proxies in front of the readers make the faults."""
 
     kind = "loopback"
@@ -638,16 +644,6 @@ class LoopbackNet:
     def heal_loss(self, name: str) -> None:
         for proxy in self.proxies.values():
             proxy.command("reset-prob 0")
-
-    def loss_percent(self, rng: random.Random) -> int:
-        return rng.randint(5, 30)
-
-    def delay(self, reader: str, seconds: float) -> str:
-        self.proxies[reader].command(f"delay {seconds}")
-        return f"proxy delays {reader} <-> leader by {seconds * 1000:.0f} ms each way"
-
-    def heal_delay(self, reader: str) -> None:
-        self.proxies[reader].command("delay 0")
 
     def heal_all(self) -> None:
         for proxy in self.proxies.values():
