@@ -203,12 +203,10 @@ def cmd_append(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    import trio
-
     from .loadgen import run_load
 
     _tune_for_latency()  # it measures commit latency
-    return trio.run(run_load, args)
+    return run_load(args)
 
 
 def cmd_forget_reader(args: argparse.Namespace) -> int:

@@ -129,9 +129,11 @@ def test_local_acks_survive_leader_sigkill(cluster, tmp_path):
         assert payload_at(cluster.leader.wal_dir, record["seq"]) == payload_for(record["id"], SIZE)
 
 
-def test_load_interrupted_by_sigint_writes_every_entry_it_sent_to_the_history(cluster, tmp_path):
-    """Ctrl-C mid-run: requests in flight are logged as unknown, so the history
-    accounts for every entry the leader holds and none looks like a stray append."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_load_interrupted_writes_every_entry_it_sent_to_the_history(cluster, tmp_path, signum):
+    """Ctrl-C (or a plain kill) mid-run: requests in flight are logged as unknown, so
+    the history accounts for every entry the leader holds and none looks like a stray
+    append."""
     cluster.start()
     wait_started(cluster.leader)
     log = str(tmp_path / "h.jsonl")
@@ -141,8 +143,8 @@ def test_load_interrupted_by_sigint_writes_every_entry_it_sent_to_the_history(cl
     try:
         wait_for(lambda: _lines(log) >= 5_000, 60, "acknowledgements")
     finally:
-        os.kill(load.pid, signal.SIGINT)
-        load.wait(timeout=30)
+        os.kill(load.pid, signum)
+        assert load.wait(timeout=30) == 130
     assert cluster.leader.stop() == 0  # what it accepted is on disk
     records = history(log)
     logged = {r["id"]: r for r in records}
@@ -155,6 +157,29 @@ def test_load_interrupted_by_sigint_writes_every_entry_it_sent_to_the_history(cl
     for entry_id, record in logged.items():
         if record["outcome"] == "ok":
             assert held[entry_id] == record["seq"]
+
+
+def test_load_keeps_its_rate_and_numbers_each_entry_once(cluster, tmp_path):
+    """--rate spreads the requests over count/rate seconds (it never runs ahead), and
+    every id from 0 to count-1 is sent exactly once, at its own sequence."""
+    cluster.start()
+    wait_started(cluster.leader)
+    log = str(tmp_path / "h.jsonl")
+    summary = str(tmp_path / "s.json")
+    result = cluster.load(
+        3_000, "--rate", "6000", "--batch", "10", "--inflight", "64", "--ack", "local",
+        "--log", log, "--summary", summary,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with open(summary) as f:
+        totals = json.load(f)
+    assert totals["acknowledged"] == 3_000
+    assert totals["seconds"] >= 3_000 / 6000 * 0.95  # the last request is due at 0.498 s
+    records = history(log)
+    assert sorted(r["id"] for r in records) == list(range(3_000))
+    held = all_payloads(cluster.leader.wal_dir)
+    for record in records:
+        assert held[record["seq"]] == payload_for(record["id"], SIZE)
 
 
 def test_none_acks_are_answered_before_durability_and_kept_by_a_clean_stop(cluster):
