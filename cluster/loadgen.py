@@ -60,7 +60,7 @@ class _History:
     def __init__(self, path: str | None, ack: str | None):
         self.ack_level = ack or "leader-default"
         self.ok = 0
-        self.failed = 0
+        self.unacknowledged = 0  # unknown or refused
         self.latencies: list[float] = []  # seconds from first send to acknowledgement
         self.file = open(path, "w") if path else None  # noqa: SIM115 (closed by close())
 
@@ -68,7 +68,7 @@ class _History:
         if outcome == "ok":
             self.ok += request.count
         else:
-            self.failed += request.count
+            self.unacknowledged += request.count
         if self.file is None:
             return
         lines = []
@@ -274,9 +274,10 @@ def _report(args, history: _History, elapsed: float) -> int:
                 },
                 f,
             )
-    if history.failed:
+    if history.unacknowledged:
         print(
-            f"walrep load: {history.failed} entries not acknowledged (see --log)", file=sys.stderr
+            f"walrep load: {history.unacknowledged} entries not acknowledged (see --log)",
+            file=sys.stderr,
         )
         return 1
     return 0
