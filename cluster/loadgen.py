@@ -23,6 +23,7 @@ measured worse on that VM: p50 2.4-2.5 ms and p99 7-25 ms, against 2.1-2.2 and
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import math
@@ -94,49 +95,53 @@ class _Interrupted(Exception):
 
 
 def run_load(args) -> int:
+    """Run the load from the main thread (it takes over SIGINT and SIGTERM)."""
     count, batch = args.count, args.batch
     batches = [(start, min(batch, count - start)) for start in range(0, count, batch)]
-    history = _History(args.log, args.ack)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    # SIGINT/SIGTERM only set a flag and wake the poll through this pipe, so they
-    # never land between a reply and its history line.
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    interrupted: list[int] = []
-    previous = {
-        signum: signal.signal(signum, lambda signum, _frame: interrupted.append(signum))
-        for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    previous_wakeup_fd = signal.set_wakeup_fd(wake_w)
     in_flight: collections.OrderedDict[int, _Request] = collections.OrderedDict()
+    interrupted: list[int] = []
     started = time.monotonic()
-    try:
+    with contextlib.ExitStack() as cleanup:
+        history = _History(args.log, args.ack)
+        cleanup.callback(history.close)
+        ctx = zmq.Context()
+        cleanup.callback(ctx.term)
+        sock = ctx.socket(zmq.DEALER)
+        cleanup.callback(sock.close, linger=0)
+        wake_fd = _wake_on_signals(cleanup, interrupted)
         sock.setsockopt(zmq.LINGER, 0)
         for option, value in (args.keys.options() if args.keys else {}).items():
             sock.setsockopt(option, value)
         sock.connect(args.ingest)
-        _drive(args, sock, wake_r, batches, in_flight, history, interrupted)
-    except _Interrupted:
-        # Whatever is in flight may or may not be committed, and the history must
-        # say so, or a checker would take those entries for appends nobody asked for.
-        for request in in_flight.values():
-            history.record(request, None, "unknown")
-        print(
-            f"walrep load: interrupted; {len(in_flight)} requests in flight logged as unknown",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        signal.set_wakeup_fd(previous_wakeup_fd)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        os.close(wake_r)
-        os.close(wake_w)
-        sock.close(linger=0)
-        ctx.term()
-        history.close()
+        try:
+            _drive(args, sock, wake_fd, batches, in_flight, history, interrupted)
+        except _Interrupted:
+            # Replies already here still count; whatever else is in flight may or may
+            # not be committed, and the history must say so, or a checker would take
+            # those entries for appends nobody asked for.
+            _take_replies(sock, in_flight, history)
+            for request in in_flight.values():
+                history.record(request, None, "unknown")
+            print(
+                f"walrep load: interrupted; {len(in_flight)} requests in flight logged as unknown",
+                file=sys.stderr,
+            )
+            return 128 + interrupted[0]
     return _report(args, history, time.monotonic() - started)
+
+
+def _wake_on_signals(cleanup: contextlib.ExitStack, interrupted: list[int]) -> int:
+    """SIGINT/SIGTERM only note the signal and wake the poll through a pipe, so they
+    never land between a reply and its history line. Returns the pipe's read end."""
+    wake_r, wake_w = os.pipe()
+    cleanup.callback(os.close, wake_r)
+    cleanup.callback(os.close, wake_w)
+    os.set_blocking(wake_w, False)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.signal(signum, lambda signum, _frame: interrupted.append(signum))
+        cleanup.callback(signal.signal, signum, previous)
+    cleanup.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(wake_w))
+    return wake_r
 
 
 def _drive(args, sock, wake_fd, batches, in_flight, history, interrupted) -> None:
@@ -149,12 +154,15 @@ def _drive(args, sock, wake_fd, batches, in_flight, history, interrupted) -> Non
         while not pacer.done() or in_flight:
             if interrupted:
                 raise _Interrupted
-            next_due = pacer.send_due(sock, in_flight)
+            # Replies first: they free window slots for the sends below, and a reply
+            # already here must not be taken for a timeout.
+            _take_replies(sock, in_flight, history)
             _expire(args, sock, in_flight, history, time.monotonic())
-            # EVENTS last: reading it (and any send above) resets the FD's readiness,
-            # so the poll below only sleeps when no reply is waiting.
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                _on_reply(sock.recv(), in_flight, history)
+            next_due = pacer.send_due(sock, in_flight)
+            # A send may have consumed the FD's edge for a reply that arrived meanwhile:
+            # this EVENTS read, after the last send, decides whether it is safe to sleep.
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                continue
             wake_at = min(
                 next_due, next(iter(in_flight.values())).deadline if in_flight else math.inf
             )
@@ -165,6 +173,11 @@ def _drive(args, sock, wake_fd, batches, in_flight, history, interrupted) -> Non
                     os.read(wake_fd, 64)
     finally:
         poller.close()
+
+
+def _take_replies(sock, in_flight, history) -> None:
+    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        _on_reply(sock.recv(), in_flight, history)
 
 
 class _Pacer:
@@ -245,8 +258,12 @@ def _on_reply(data: bytes, in_flight, history) -> None:
     if isinstance(reply, wire.Appended):
         history.latencies.append(time.monotonic() - request.sent_at)
         history.record(request, reply.first_seq, "ok")
-    else:  # Refused: nothing was written
+    elif request.attempts == 1:  # Refused: nothing was written
         history.record(request, None, "failed")
+    else:
+        # The refusal may answer an earlier attempt (busy, say) while a later one is
+        # still queued at the leader and gets appended: the outcome is not known.
+        history.record(request, None, "unknown")
 
 
 def _report(args, history: _History, elapsed: float) -> int:
