@@ -145,6 +145,17 @@ class Client:
         finally:
             self._waiting.pop(request_id, None)
         if isinstance(reply, wire.Refused):
+            if attempt > 1:
+                # The refusal may answer an earlier attempt (busy, say) while a later
+                # one is still queued at the leader and gets appended.
+                raise AppendUnknown(
+                    f"request {request_id} was refused ({reply.code}: {reply.message}) "
+                    f"after {attempt} attempts, and a later attempt may still be "
+                    "appended: the entries may or may not be committed; "
+                    "client.retry(error) sends it again without duplicating it",
+                    attempts=attempt,
+                    request=request,
+                )
             raise AppendRefused(reply.code, reply.message, attempts=attempt)
         return Receipt(reply.first_seq, reply.last_seq, attempt)
 
