@@ -133,7 +133,7 @@ def _load_config(cls, args: argparse.Namespace):
     return configmod.load(cls, args.config, overrides)
 
 
-def _tune_for_latency() -> None:
+def tune_for_latency() -> None:
     import gc
 
     # A WAL writer thread (async mode) needs the GIL to start each group commit; by
@@ -153,7 +153,7 @@ def cmd_leader(args: argparse.Namespace) -> int:
 
     config = _load_config(configmod.LeaderConfig, args)
     logs.setup(config.log_level, config.log_json)
-    _tune_for_latency()
+    tune_for_latency()
     return trio.run(run_leader, config)
 
 
@@ -165,7 +165,7 @@ def cmd_reader(args: argparse.Namespace) -> int:
 
     config = _load_config(configmod.ReaderConfig, args)
     logs.setup(config.log_level, config.log_json)
-    _tune_for_latency()
+    tune_for_latency()
     return trio.run(run_reader, config)
 
 
@@ -205,7 +205,7 @@ def cmd_append(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from .loadgen import run_load
 
-    _tune_for_latency()  # it measures commit latency
+    tune_for_latency()  # it measures commit latency
     return run_load(args)
 
 

@@ -61,7 +61,7 @@ import bench_baselines as baselines  # noqa: E402
 import bench_wal  # noqa: E402
 
 import node  # noqa: E402
-from cluster.loadgen import latency_percentiles, payload_for  # noqa: E402
+from cluster.loadgen import latency_percentiles  # noqa: E402
 from cluster.procs import LocalCluster, wait_for, walrep_command  # noqa: E402
 from node import format as fmt  # noqa: E402
 
@@ -859,36 +859,17 @@ def section_latency(cfg: dict, base: str) -> tuple[list[dict], dict]:
 
 
 def trio_client_latency(cluster: LocalCluster, rate: float, seconds: float, batch: int, ack: str):
-    """walrep load's paced run, sent by the trio client from this process instead:
-    one task per request, started on schedule, 64 at most in flight."""
-    import trio
-
-    from cluster.client import open_client
-
-    async def run() -> list[float]:
-        latencies: list[float] = []
-        window = trio.Semaphore(64)
-
-        async def one(payloads: list[bytes]) -> None:
-            async with window:
-                sent_at = time.monotonic()
-                await client.append_batch(payloads, ack=ack)
-                latencies.append(time.monotonic() - sent_at)
-
-        async with open_client(cluster.ingest) as client, trio.open_nursery() as nursery:
-            paced_from = trio.current_time()
-            for i in range(int(rate * seconds / batch)):
-                await trio.sleep_until(paced_from + i * batch / rate)
-                nursery.start_soon(one, [payload_for(i * batch + j, 100) for j in range(batch)])
-        return latencies
-
-    started = time.monotonic()
-    latencies = trio.run(run)
-    elapsed = time.monotonic() - started
-    return {
-        "latency_ms": latency_percentiles(latencies),
-        "entries_per_s": len(latencies) * batch / elapsed,
-    }
+    """walrep load's paced run, sent by the trio client (scripts/bench_trio_client.py)."""
+    summary = os.path.join(cluster.base, f"trio-client-{time.monotonic_ns()}.json")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_trio_client.py")
+    subprocess.run(
+        [sys.executable, script, "--ingest", cluster.ingest, "--rate", str(rate)]
+        + ["--seconds", str(seconds), "--batch", str(batch), "--ack", ack, "--summary", summary],
+        check=True,
+        timeout=seconds * 10 + 60,
+    )
+    with open(summary) as f:
+        return json.load(f)
 
 
 # --- 4: catch-up ---------------------------------------------------------------------------
