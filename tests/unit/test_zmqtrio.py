@@ -14,6 +14,7 @@ hangs, so the first test is able to fail.
 from __future__ import annotations
 
 import random
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 import zmq
 
 from cluster.zmqtrio import TrioSocket, WouldBlock, make_socket
@@ -581,3 +583,29 @@ async def test_stress_hangs_without_the_recheck_after_each_call(ctx):
     assert progress.dealer_received < STRESS_MESSAGES, context
     assert progress.dealer_tasks_waiting_recv_at_stall == 1, context
     assert progress.dealer_message_ready_at_stall, context
+
+
+# -- what the FD wake-up relies on in trio ----------------------------------------
+
+
+async def test_an_fd_woken_by_notify_closing_can_be_waited_on_again():
+    """TrioSocket wakes its FD sleeper with trio.lowlevel.notify_closing and then waits
+    on the same FD again. trio documents notify_closing for closing only: if a trio
+    upgrade stops re-registering the FD afterwards, this fails instead of a hang."""
+    left, right = socket.socketpair()
+    with left, right, trio.fail_after(IO_TIMEOUT_S):
+        woken = trio.Event()
+
+        async def sleeper():
+            with pytest.raises(trio.ClosedResourceError):
+                await trio.lowlevel.wait_readable(left.fileno())
+            woken.set()
+            await trio.lowlevel.wait_readable(left.fileno())  # readiness still arrives
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sleeper)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.notify_closing(left.fileno())
+            await woken.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            right.send(b"x")
