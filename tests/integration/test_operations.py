@@ -116,14 +116,17 @@ def test_status_and_metrics_show_a_stopped_reader_and_one_catching_up(tmp_path):
         assert lines[0].split()[:3] == ["NODE", "ROLE", "STATE"]
         assert lines[1].startswith("leader") and "disconnected" in table.stdout
 
+        # The leader refreshes its metrics once a second, so a scrape can predate what
+        # `walrep status` (asked live) already showed: wait for the scrape to catch up.
         metrics = wait_for(
             lambda: (
                 (m := scrape(leader_metrics))
                 and m.get('walrep_reader_lag_entries{reader="reader-2"}', 0) > 0
+                and m.get('walrep_reader_connected{reader="reader-2"}') == 0
                 and m
             ),
             10,
-            "leader metrics",
+            "leader metrics to show reader-2 disconnected and behind",
         )
         assert metrics["walrep_entries_appended_total"] >= 501_000
         assert metrics['walrep_reader_connected{reader="reader-2"}'] == 0
