@@ -76,6 +76,7 @@ class Reader:
         )
         self.state_changed = trio.Event()
         self.signalled_state = self.protocol.state
+        self.acking_inline = False  # the publish loop's flush is under way, and acks itself
         self.run_lock = trio.StrictFIFOLock()
         self.behind_since: float | None = None  # when we last fell behind the leader's head
         self.digest_waiters: dict[int, trio.MemorySendChannel] = {}
@@ -111,7 +112,7 @@ class Reader:
         if self.writer.background:
             self.writer.set_durable_hook(durable_from_thread)
         else:  # flush() runs in this trio thread
-            self.writer.set_durable_hook(lambda _seq: self.durable_moved.set())
+            self.writer.set_durable_hook(self._durable_in_loop)
         try:
             self.sub.subscribe(b"")
             self.sub.connect(self.config.leader_publish)
@@ -169,7 +170,21 @@ class Reader:
                 message = self._decode(data, peer)
                 if message is not None:
                     await self._run(self.protocol.on_publish(message, time.monotonic()))
-            self.writer.flush()  # one commit for the whole burst
+            # One commit for the whole burst, acked from here: handing the ack to
+            # _ack_loop put a task switch on every replicas=N commit, which traces of
+            # a 1000 requests/s run measured at 120 us at p50 (and 320 at p90).
+            self.acking_inline = True
+            try:
+                self.writer.flush()
+            finally:
+                self.acking_inline = False
+            if not self.writer.background:
+                await self._ack()
+
+    def _durable_in_loop(self, _seq: int) -> None:
+        """The durable hook of a writer this loop flushes (background=False)."""
+        if not self.acking_inline:  # that flush acks by itself
+            self.durable_moved.set()
 
     async def _receive(self, socket, peer: str) -> wire.Message:
         """The next well-formed message on socket; bad ones are logged and skipped."""
@@ -349,8 +364,11 @@ class Reader:
         while True:
             await self.durable_moved.wait()
             self.durable_moved = trio.Event()
-            durable = self.writer.durable_sequence()
-            await self._run(self.protocol.on_durable(durable, time.monotonic()))
+            await self._ack()
+
+    async def _ack(self) -> None:
+        durable = self.writer.durable_sequence()
+        await self._run(self.protocol.on_durable(durable, time.monotonic()))
 
     async def _handshake_loop(self) -> None:
         """Say hello whenever the protocol needs a handshake, backing off while unanswered."""
