@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import time
 import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_baselines import stop_pid  # noqa: E402
 
 from cluster import wire  # noqa: E402
 from cluster.cli import tune_for_latency  # noqa: E402
@@ -212,14 +213,7 @@ class _Process:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        """SIGTERM by pid, SIGKILL by pid if it lingers; always reaped."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_pid(self.proc)
         self.proc.stdout.close()
 
 
