@@ -248,6 +248,10 @@ class Leader:
         requests/s run, against 30 and 80 for a bare pyzmq loop doing the same.
         """
         self.writer.flush()
+        await self._publish_committed()
+
+    async def _publish_committed(self) -> None:
+        """Publish the runs a flush in this thread committed (none in background mode)."""
         if self.committed:
             pieces, self.committed = self.committed, []
             await self._publish(pieces)
@@ -707,6 +711,8 @@ class Leader:
                     self.backpressure_waits += 1
                     waited = True
                 await make_room(self.writer)
+                # make_room may have flushed: publish that now, not after the burst.
+                await self._publish_committed()
             except (node.WALClosed, node.WALFailed) as exc:
                 await self._reply(
                     peer, wire.Refused("unavailable", str(exc), request_id=request.request_id)
