@@ -4,10 +4,11 @@ Shell only: decisions live in protocol.LeaderProtocol, bytes move through the
 zmqtrio adapter, entries go through node.Writer.
 
 In a syncing mode the ingest loop commits each burst of requests itself with
-Writer.flush(): the trio loop blocks for one write + fdatasync per burst, which
-costs less here than handing every commit to a thread and back (see README,
-Performance), at the price that a disk stall stalls the whole leader. In async
-mode the writer's thread commits and reports through run_sync_soon.
+Writer.flush() and publishes it at once: the trio loop blocks for one write +
+fdatasync per burst, which costs less here than handing every commit to a thread
+and back (see README, Performance), at the price that a disk stall stalls the
+whole leader. In async mode the writer's thread commits and reports through
+run_sync_soon to a publish task.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ class Leader:
             await self._publish(pieces)
 
     async def _flush_and_publish(self) -> None:
-        """Commit what is queued and publish it from this task (caller mode).
+        """Commit what is queued and, in caller mode, publish it from this task (with the
+        writer thread, flush only wakes it and _publish_loop publishes).
 
         A publish task woken by the commit hook put a task switch between the sync and
         the readers on every commit: 130 us at p50 and 430 at p90 in traces of a 1000
@@ -278,10 +280,7 @@ class Leader:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            if self.writer.background:
-                self.writer.flush()
-            else:
-                await self._flush_and_publish()  # retries a write a full disk refused
+            await self._flush_and_publish()  # retries a write a full disk refused
             first, _ = _first_segment_seq(self.writer)
             if first is not None:
                 self.protocol.on_purge(first)
@@ -652,11 +651,7 @@ class Leader:
                 except zmqtrio.WouldBlock:
                     break
                 await self._on_ingest(*received)
-            # One commit for the whole burst.
-            if self.writer.background:
-                self.writer.flush()
-            else:
-                await self._flush_and_publish()
+            await self._flush_and_publish()  # one commit for the whole burst
 
     async def _on_ingest(self, frames: list[bytes], address: str) -> None:
         if len(frames) != 2:
