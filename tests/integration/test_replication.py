@@ -275,18 +275,22 @@ def test_garbage_on_every_leader_socket_is_logged_and_survived(cluster):
     assert assert_identical(cluster) == 100
 
 
-def test_writer_thread_option_replicates_the_same(tmp_path):
-    """--writer-thread commits on the WAL's thread, as before the event-loop commit."""
+@pytest.mark.parametrize(
+    ("options", "ack"),
+    [(["--writer-thread"], "replicas=2"), (["--sync-mode", "async"], "local")],
+    ids=["writer-thread", "async"],
+)
+def test_writer_thread_modes_replicate_the_same(tmp_path, options, ack):
+    """With the WAL's own thread committing (--writer-thread, or the async sync mode),
+    a publish task publishes what it commits, where the syncing modes publish from the
+    loop that flushed."""
     cluster = LocalCluster(
-        str(tmp_path / "c"),
-        readers=2,
-        leader_extra=["--writer-thread"],
-        reader_extra=["--writer-thread"],
+        str(tmp_path / "c"), readers=2, leader_extra=options, reader_extra=options
     )
     try:
         cluster.start()
         wait_started(cluster.leader, "leader-started")
-        load(cluster, 20_000, "--ack", "replicas=2", "--batch", "20")
+        load(cluster, 20_000, "--ack", ack, "--batch", "20")
         assert assert_identical(cluster) == 20_000
     finally:
         cluster.stop()
