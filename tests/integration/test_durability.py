@@ -375,7 +375,8 @@ def test_forget_reader_releases_what_a_dead_reader_pinned(tmp_path):
         cluster.wait_converged(timeout=60)
         dead = cluster.reader_nodes[1]
         dead.kill()
-        assert cluster.load(5_000, "--batch", "20").returncode == 0
+        # One request in flight, so that each is its own commit (see above).
+        assert cluster.load(5_000, "--batch", "20", "--inflight", "1").returncode == 0
         assert segment_count(cluster.leader) > 20
         result = subprocess.run(
             walrep_command("forget-reader", "reader-2", "--control", cluster.control),
