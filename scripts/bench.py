@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import zlib
@@ -249,8 +250,6 @@ class WakeStalls:
     LATE_S = 0.002
 
     def __init__(self):
-        import threading
-
         self.stalls: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wake-stalls", daemon=True)
@@ -780,7 +779,6 @@ def section_latency(cfg: dict, base: str) -> tuple[list[dict], dict]:
     rate, seconds = cfg["latency_rate"], cfg["latency_seconds"]
     floors = {batch: fsync_latency(cfg, base, entries=batch) for batch in (10, 100)}
     results: dict = {"fdatasync_floor_ms": floors[10], "runs": {}, "bare_path_runs": {}}
-    bare_by_shape: dict[tuple[str, int], list[dict]] = {}
     rows = []
     # Requests of 10 entries are what the target is judged on; requests of 100 at the
     # same entry rate show what fewer, larger requests buy.
@@ -827,15 +825,13 @@ def section_latency(cfg: dict, base: str) -> tuple[list[dict], dict]:
                 finally:
                     pipeline.stop()
                 shutil.rmtree(pipeline.base, ignore_errors=True)
-        shape = ack if batch == 10 else f"{ack}, requests of {batch}"
-        if driver != "load":
-            shape += f", {driver}"
+        load_shape = ack if batch == 10 else f"{ack}, requests of {batch}"
+        shape = load_shape if driver == "load" else f"{load_shape}, {driver}"
         results["runs"][shape] = runs
         if pipeline_runs:
-            bare_by_shape[(ack, batch)] = pipeline_runs
-            results["bare_path_runs"][shape] = pipeline_runs
+            results["bare_path_runs"][load_shape] = pipeline_runs
         # The trio client's baseline is the bare path under walrep load's requests.
-        bare_runs = bare_by_shape[(ack, batch)]
+        bare_runs = results["bare_path_runs"][load_shape]
         # The median run by p99 (not the best: noise shows up in latency as in life).
         summary = median_by_p99([r["summary"] for r in runs])
         lat = summary["latency_ms"]
