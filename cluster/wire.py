@@ -362,8 +362,23 @@ KINDS: dict[str, type[Message]] = {
 }
 
 
+_REQUIRED = object()  # in _FIELDS: the field has no default, a peer must send it
+# Each kind's fields as (name, default), read once: dataclasses.fields() builds a new
+# tuple on every call, and every message on the commit path is encoded or decoded.
+_FIELDS: dict[type[Message], tuple[tuple[str, Any], ...]] = {
+    cls: tuple(
+        (f.name, _REQUIRED if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(cls)
+    )
+    for cls in KINDS.values()
+}
+_FIELD_NAMES: dict[type[Message], frozenset[str]] = {
+    cls: frozenset(name for name, _ in fields) for cls, fields in _FIELDS.items()
+}
+
+
 def encode(message: Message) -> bytes:
-    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    fields = {name: getattr(message, name) for name, _ in _FIELDS[type(message)]}
     return msgpack.packb([PROTOCOL_VERSION, message.KIND, fields], use_bin_type=True)
 
 
@@ -397,18 +412,14 @@ def decode(data: bytes) -> Message:
         raise BadMessage(f"unknown message kind {kind!r}")
     if not isinstance(fields, dict):
         raise BadMessage(f"{kind}: fields must be a map")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(fields) - names
+    unknown = fields.keys() - _FIELD_NAMES[cls]
     if unknown:
         raise BadMessage(f"{kind}: unknown fields {sorted(map(str, unknown))}")
     message = object.__new__(cls)
-    for field in dataclasses.fields(cls):
-        if field.name in fields:
-            value = fields[field.name]
-        elif field.default is not dataclasses.MISSING:
-            value = field.default
-        else:
-            raise BadMessage(f"{kind}: missing field {field.name!r}")
-        object.__setattr__(message, field.name, value)
+    for name, default in _FIELDS[cls]:
+        value = fields.get(name, default)
+        if value is _REQUIRED:
+            raise BadMessage(f"{kind}: missing field {name!r}")
+        object.__setattr__(message, name, value)
     message.validate()
     return message
