@@ -729,7 +729,7 @@ class Leader:
         received_at: float,
     ) -> None:
         if replicas is None:
-            self.metrics.commit_latency.labels("none").observe(time.monotonic() - received_at)
+            self.metrics.observe_commit_latency("none", time.monotonic() - received_at)
             await self._reply(peer, wire.Appended(request_id, first, last))
             return
         label = "local" if replicas == 0 else f"replicas={replicas}"
@@ -758,7 +758,7 @@ class Leader:
         self.waiters = still
         now = time.monotonic()
         for waiter in ready:
-            self.metrics.commit_latency.labels(waiter.ack_label).observe(now - waiter.since)
+            self.metrics.observe_commit_latency(waiter.ack_label, now - waiter.since)
             reply = wire.Appended(waiter.request_id, waiter.first_seq, waiter.last_seq)
             await self._reply(waiter.peer, reply)
 
