@@ -736,7 +736,11 @@ class Leader:
         self.waiters.append(_Waiter(peer, request_id, first, last, replicas, received_at, label))
         if self.writer.sync_mode is node.SyncMode.ASYNC:
             self.writer.request_sync()
-        await self._resolve_waiters()
+        # A fresh append is not durable before the flush at the end of its burst, which
+        # resolves the waiters itself; only a retry of a durable request can be ready now.
+        # Resolving for every request of a burst walked every waiter once per request.
+        if self.durable >= last:
+            await self._resolve_waiters()
 
     async def _resolve_waiters(self) -> None:
         if not self.waiters:

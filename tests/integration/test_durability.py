@@ -11,8 +11,10 @@ import subprocess
 
 import pytest
 import trio
+import zmq
 
 import node
+from cluster import wire
 from cluster.admin import status as leader_status
 from cluster.client import AppendUnknown, open_client
 from cluster.loadgen import payload_for
@@ -214,6 +216,32 @@ def test_replicas_2_with_one_reader_is_unknown_then_a_retry_returns_the_original
     assert first == last == 1
     leader_entries = list(node.WALReader(cluster.leader.wal_dir).raw_entries())
     assert [(s, p) for s, _, p in leader_entries] == [(1, b"only-once")]  # not appended twice
+
+
+def test_a_retry_of_a_durable_request_is_answered_with_its_original_and_no_reader(tmp_path):
+    # The retry of a request whose level already holds must be settled by the request
+    # itself: with no reader no ack comes, and a heartbeat commits nothing.
+    cluster = LocalCluster(str(tmp_path / "c"), readers=0)
+    try:
+        cluster.leader.start()
+        wait_started(cluster.leader)
+        request = wire.Append(7, [b"once"], "local", client_id="a-client")
+        with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(cluster.ingest)
+            answers = []
+            for _ in range(2):  # the original, then its retry
+                sock.send(wire.encode(request))
+                assert sock.poll(10_000), "no answer within 10 s"
+                answers.append(wire.decode(sock.recv()))
+        duplicates = status_of(cluster)["leader"]["duplicate_requests"]
+    finally:
+        cluster.stop()
+    assert answers == [wire.Appended(7, 1, 1)] * 2
+    assert duplicates == 1
+    assert [(s, p) for s, _, p in node.WALReader(cluster.leader.wal_dir).raw_entries()] == [
+        (1, b"once")
+    ]
 
 
 def test_load_retries_record_attempts_and_never_duplicate(tmp_path):
