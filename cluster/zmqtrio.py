@@ -87,8 +87,9 @@ class WouldBlock(trio.WouldBlock, zmq.Again):
     errno: Final = zmq.EAGAIN
     strerror: Final = "Resource temporarily unavailable"
 
-    def __init__(self) -> None:
-        Exception.__init__(self, self.strerror)
+    def __init__(self, *args: object) -> None:
+        # *args: copy and pickle rebuild an exception from its args.
+        Exception.__init__(self, *(args or (self.strerror,)))
 
 
 @dataclass(frozen=True, slots=True)

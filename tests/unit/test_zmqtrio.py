@@ -13,6 +13,8 @@ hangs, so the first test is able to fail.
 
 from __future__ import annotations
 
+import copy
+import pickle
 import random
 import socket
 import struct
@@ -155,6 +157,7 @@ async def test_nowait_calls_raise_would_block_in_both_vocabularies(ctx):
     # What a caller that speaks pyzmq reads off a zmq.Again.
     assert raised.value.errno == zmq.EAGAIN
     assert str(raised.value) == zmq.Again().strerror
+    assert str(pickle.loads(pickle.dumps(raised.value))) == str(copy.copy(raised.value))
     with pytest.raises(WouldBlock):
         lonely.send_multipart_nowait([b"x", b"y"])
 
