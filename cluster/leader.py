@@ -377,7 +377,8 @@ class Leader:
                 await self._resolve_waiters()
 
     async def _on_control(self, frames: list[bytes], address: str) -> bool:
-        """Handle one control message; True if it was an ack (waiters may be ready)."""
+        """Handle one control message; True if it moved a reader's position (waiters may
+        be ready)."""
         if len(frames) != 2:
             self._reject(address, "control", "expected [identity, message]")
             return False
@@ -405,7 +406,8 @@ class Leader:
         await self._run_actions(actions)
         if isinstance(message, wire.Fetch) and not actions:
             self.nursery.start_soon(self._serve_fetch, peer, message)
-        return isinstance(message, wire.Ack)
+        # A hello carries the reader's durable position too (after a reconnect).
+        return isinstance(message, wire.Ack | wire.Hello)
 
     def status(self) -> dict:
         """Every node as a row (leader first), with lag in entries, bytes and seconds."""
