@@ -58,6 +58,39 @@ def test_crc_matches_zlib(size):
     assert _scan.crc32(memoryview(data)[1:]) == zlib.crc32(data[1:])
 
 
+_CRC_SWEEP = """
+import os, random, zlib
+from node import _scan
+random.seed(7)
+bad = []
+for size in [*range(0, 300), 511, 512, 513, 1000, 4095, 4096, 4097, 65536 + 3]:
+    for offset in range(17):  # every alignment of a 16-byte load
+        data = os.urandom(size + offset)
+        if _scan.crc32(memoryview(data)[offset:]) != zlib.crc32(data[offset:]):
+            bad.append((size, offset))
+# The folding code starts from the state the bytes before left: frame lengths vary.
+same = b"\\xff" * 200 + b"\\x00" * 200
+if _scan.crc32(same) != zlib.crc32(same):
+    bad.append(("pattern", 0))
+print(_scan.CRC_IMPLEMENTATION)
+print(bad)
+"""
+
+
+@pytest.mark.parametrize("no_clmul", ["", "1"])
+def test_crc_matches_zlib_at_every_length_and_alignment_on_both_paths(no_clmul):
+    env = dict(os.environ, WALREP_NO_CLMUL=no_clmul)
+    done = subprocess.run(
+        [sys.executable, "-c", _CRC_SWEEP], env=env, capture_output=True, text=True, check=True
+    )
+    implementation, bad = done.stdout.splitlines()
+    assert bad == "[]"
+    if no_clmul:
+        assert "pclmulqdq" not in implementation
+    elif "pclmulqdq" not in implementation:
+        pytest.skip(f"this CPU has no PCLMULQDQ (the CRC is {implementation!r})")
+
+
 # --- the C function's own contract ----------------------------------------------------
 
 
