@@ -778,18 +778,18 @@ class Writer:
         )
 
     def _write_group(self, chunks: list[bytes], count: int) -> None:
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        size = sum(map(len, chunks))
         first = self._written_next
         with self._files_lock:
             if self._needs_rotation():
                 self._rotate(first)
-            self._write_all(data)
-            self._active_size += len(data)
+            self._write_all(chunks)
+            self._active_size += size
             self._active_entries += count
             self._written_next = first + count
-            self._unsynced_bytes += len(data)
+            self._unsynced_bytes += size
             self.total_entries += count
-            self.total_bytes += len(data)
+            self.total_bytes += size
             if self.sync_mode is not SyncMode.ASYNC:
                 self._sync_now()  # syncing modes: committed means synced
         last = first + count - 1
@@ -798,18 +798,23 @@ class Writer:
             self._progress.notify_all()
         hook = self._commit_hook
         if hook is not None:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             try:
                 hook(CommittedRun(first, last, data))
             except Exception:
                 log.exception("commit hook failed for sequences %d..%d", first, last)
 
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write_all(self, chunks: list[bytes]) -> None:
+        """Write the chunks in order with os.writev, which, unlike joining them first,
+        copies nothing and lets go of the GIL for the whole copy into the page cache:
+        in async mode the join held it for a third of the writer thread's time while
+        the appending thread waited to frame the next batch."""
         start_size = self._active_size
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            pending: list = chunks
+            while pending:
+                written = os.writev(self._fd, pending[:_IOV_MAX])
+                pending = _after(pending, written)
         except OSError:
             # Leave no partial entry behind: the group is retried whole.
             with contextlib.suppress(OSError):
@@ -1015,6 +1020,20 @@ class Writer:
         if removed:
             _sync_dir(self.wal_dir)
         return removed
+
+
+# How many buffers one writev call may take (POSIX guarantees at least 16; Linux 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def _after(chunks: list, written: int) -> list:
+    """What is left of chunks once their first `written` bytes are out (a short write)."""
+    for index, chunk in enumerate(chunks):
+        size = len(chunk)
+        if written < size:
+            return [memoryview(chunk)[written:], *chunks[index + 1 :]]
+        written -= size
+    return []
 
 
 def _frame_payloads(payloads: Sequence[bytes]):

@@ -35,6 +35,39 @@ def test_no_thread_and_nothing_written_until_flush(tmp_path):
     assert [p for _s, _t, p in entries] == [walhelpers.payload_for(s) for s in range(1, 11)]
 
 
+def test_a_group_of_more_chunks_than_one_writev_takes_is_written_whole(tmp_path):
+    # Each append queues one chunk, and one flush writes them all; Linux's writev
+    # takes at most 1024 buffers per call, so this group needs three calls.
+    count = 2500
+    w = _writer(tmp_path, buffer_entries=count)
+    runs = []
+    w.set_commit_hook(runs.append)
+    try:
+        for seq in range(1, count + 1):
+            w.append_raw_nowait(walhelpers.payload_for(seq))
+        assert w.flush() == count
+    finally:
+        w.close()
+    entries, problems = walhelpers.read_all(w.wal_dir)
+    assert problems == []
+    assert [p for _s, _t, p in entries] == [walhelpers.payload_for(s) for s in range(1, count + 1)]
+    # The hook still gets the run's bytes, as they are on disk.
+    assert [(r.first_seq, r.last_seq) for r in runs] == [(1, count)]
+    with open(os.path.join(w.wal_dir, sorted(os.listdir(w.wal_dir))[0]), "rb") as f:
+        assert f.read().endswith(runs[0].data)
+
+
+def test_what_is_left_after_a_short_write():
+    from node.writer import _after
+
+    chunks = [b"abc", b"de", b"fgh"]
+    assert [bytes(c) for c in _after(chunks, 0)] == [b"abc", b"de", b"fgh"]
+    assert [bytes(c) for c in _after(chunks, 2)] == [b"c", b"de", b"fgh"]
+    assert [bytes(c) for c in _after(chunks, 3)] == [b"de", b"fgh"]
+    assert [bytes(c) for c in _after(chunks, 4)] == [b"e", b"fgh"]
+    assert _after(chunks, 8) == []
+
+
 def test_hooks_run_in_the_flushing_thread(tmp_path):
     w = _writer(tmp_path)
     seen: list[tuple[str, int, int]] = []
