@@ -486,6 +486,14 @@ class WALReader:
             pos = 0
             size = len(data)
             count = 0
+            if _scan_fast is not None:
+                # The C scan verifies every entry that lies wholly in the first max_bytes,
+                # most of a chunk; the loop below goes on from where it stopped: an entry
+                # that crosses max_bytes, and whatever the scan leaves to Python (a damaged
+                # entry, which the loop reports by file, offset and sequence). Serving a
+                # catch-up spent 43% of the leader's time in this loop, entry by entry.
+                window = data if size <= max_bytes else data[:max_bytes]
+                pos, seq, count, _status = _scan_fast(window, 0, seq, 0, to_seq, None)
             while seq <= to_seq and (count == 0 or pos < max_bytes):
                 if size - pos < _HEADER:
                     if count:

@@ -110,6 +110,50 @@ def test_read_frames_serves_verified_frames_within_one_segment(wal):
     assert count <= 2
 
 
+def test_read_frames_is_the_same_with_and_without_the_c_scan(wal, monkeypatch):
+    # read_frames verifies most of a chunk with node._scan and the rest entry by entry;
+    # every cut (sequence range, byte budget, segment end, damage) must come out as the
+    # pure-Python loop has it, error text included.
+    import random
+
+    from node import reader as reader_module
+
+    if reader_module._scan_fast is None:
+        pytest.skip("node._scan is not built here")
+    rng = random.Random(11)
+    sizes = [rng.choice((0, 1, 50, 100, 700, 3000)) for _ in range(400)]
+    wal_dir = _log(
+        wal, 400, max_size=40_000, payload=lambda seq: bytes([seq % 251]) * sizes[seq - 1]
+    )
+    damaged = _frame(_segment_holding(wal_dir, 321), 321)
+    with open(_segment_holding(wal_dir, 321), "r+b") as f:
+        f.seek(
+            damaged.offset + fmt.ENTRY_HEADER_BYTES + 1 if sizes[320] > 1 else damaged.offset + 12
+        )
+        f.write(b"\xee")
+
+    def serve(fast, start, stop, budget):
+        monkeypatch.setattr(reader_module, "_scan_fast", fast)
+        try:
+            return node.WALReader(wal_dir).read_frames(start, stop, max_bytes=budget)
+        except node.WALError as exc:
+            return ("error", str(exc))
+
+    fast = reader_module._scan_fast
+    cases = [(1, 400, 1 << 20), (321, 400, 1 << 20), (300, 330, 1 << 20)]
+    cases += [
+        (start, start + rng.randrange(0, 60), rng.choice((1, 100, 116, 5000, 65536)))
+        for start in rng.sample(range(1, 401), 120)
+    ]
+    errors = 0
+    for start, stop, budget in cases:
+        stop = min(stop, 400)
+        served = serve(fast, start, stop, budget)
+        assert served == serve(None, start, stop, budget), (start, stop, budget)
+        errors += served[0] == "error"
+    assert errors  # the damaged entry was reached, and reported alike
+
+
 def test_read_frames_refuses_what_is_not_held(wal):
     wal_dir = _log(wal, 30, max_size=300)
     w = wal.writer(max_size_bytes=300)
