@@ -786,12 +786,12 @@ class Writer:
             # are cheaper joined than as a writev of a thousand small buffers, which
             # halved the rate of append_raw, one entry per call.
             chunks = [b"".join(chunks)]
-        size = len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))
+        size = sum(map(len, chunks))
         first = self._written_next
         with self._files_lock:
             if self._needs_rotation():
                 self._rotate(first)
-            self._write_all(chunks)
+            self._write_all(chunks, size)
             self._active_size += size
             self._active_entries += count
             self._written_next = first + count
@@ -810,20 +810,20 @@ class Writer:
             except Exception:
                 log.exception("commit hook failed for sequences %d..%d", first, last)
 
-    def _write_all(self, chunks: list[bytes]) -> None:
-        """Write the chunks in order with os.writev, which, unlike joining them first,
-        copies nothing and lets go of the GIL for the whole copy into the page cache:
-        in async mode the join held it for 131 of the writer thread's 320 py-spy
-        samples while the appending thread waited to frame the next batch."""
+    def _write_all(self, chunks: list[bytes], size: int) -> None:
+        """Write the chunks (size bytes in all) in order with os.writev, which, unlike
+        joining them first, copies nothing and lets go of the GIL for the whole copy
+        into the page cache: in async mode the join held it for 131 of the writer
+        thread's 320 py-spy samples while the appending thread waited to frame the
+        next batch."""
         start_size = self._active_size
         try:
             pending: list = chunks
-            while pending:
-                head = pending[:_IOV_MAX]
-                written = os.writev(self._fd, head)
-                if written == sum(map(len, head)):  # the usual case: all of it
-                    pending = pending[_IOV_MAX:]
-                else:
+            left = size
+            while left:
+                written = os.writev(self._fd, pending[:_IOV_MAX])
+                left -= written
+                if left:  # a short write, or more chunks than one call takes
                     pending = _after(pending, written)
         except OSError:
             # Leave no partial entry behind: the group is retried whole.
