@@ -59,16 +59,15 @@ def test_crc_matches_zlib(size):
 
 
 _CRC_SWEEP = """
-import os, random, zlib
+import os, zlib
 from node import _scan
-random.seed(7)
 bad = []
 for size in [*range(0, 300), 511, 512, 513, 1000, 4095, 4096, 4097, 65536 + 3]:
     for offset in range(17):  # every alignment of a 16-byte load
         data = os.urandom(size + offset)
         if _scan.crc32(memoryview(data)[offset:]) != zlib.crc32(data[offset:]):
             bad.append((size, offset))
-# The folding code starts from the state the bytes before left: frame lengths vary.
+# A patterned buffer too: runs of ones and zeros, which random bytes rarely give.
 same = b"\\xff" * 200 + b"\\x00" * 200
 if _scan.crc32(same) != zlib.crc32(same):
     bad.append(("pattern", 0))
