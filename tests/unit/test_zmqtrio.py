@@ -61,7 +61,8 @@ async def wait_until_subscribed(pub: TrioSocket, sub: TrioSocket) -> None:
     A subscription travels to the publisher asynchronously and a PUB drops
     whatever it sends before that. Probe until one arrives, then send a
     marker and discard everything up to it: probes still in flight cannot
-    be mistaken for data afterwards.
+    be mistaken for data afterwards. With several prefixes, subscribe
+    ``probe`` last: its arrival then shows that the others took effect.
     """
     while True:
         await pub.send(b"probe")
@@ -91,9 +92,13 @@ async def test_pub_sub_delivers_in_order(ctx):
 async def test_sub_receives_only_its_prefix(ctx):
     with trio.fail_after(IO_TIMEOUT_S):
         pub, sub = await pair(ctx, zmq.PUB, zmq.SUB)
-        sub.subscribe(b"probe")
+        # The publisher applies subscriptions in the order they were sent, so a probe
+        # that arrives proves the ones before it too: "probe" goes last. Subscribed
+        # first, a probe could arrive while "marker" was still on its way, and the
+        # marker was dropped (a hang seen once, on a slow run of the suite).
         sub.subscribe(b"marker")
         sub.subscribe(b"wanted")
+        sub.subscribe(b"probe")
         await wait_until_subscribed(pub, sub)
         await pub.send(b"other-1")
         await pub.send(b"wanted-1")
