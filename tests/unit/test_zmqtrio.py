@@ -177,6 +177,22 @@ async def test_recv_of_a_multipart_message_raises_and_keeps_framing(ctx):
         assert await pull.recv() == b"next"
 
 
+async def test_a_multipart_send_with_a_bad_part_sends_nothing(ctx):
+    # Sends skip pyzmq's per-part checks for bytes; any other part must still be
+    # checked before the first frame leaves, or the socket would hold half a
+    # message that the next send completes.
+    with trio.fail_after(IO_TIMEOUT_S):
+        pull, push = await pair(ctx, zmq.PULL, zmq.PUSH)
+        with pytest.raises(TypeError):
+            await push.send_multipart([b"head", object(), b"tail"])
+        with pytest.raises(TypeError):
+            push.send_multipart_nowait([b"head", 7])
+        await push.send_multipart([b"a", bytearray(b"b"), memoryview(b"c")])
+        await push.send_multipart([b"d", b"e"])
+        assert await pull.recv_multipart() == [b"a", b"b", b"c"]
+        assert await pull.recv_multipart() == [b"d", b"e"]
+
+
 # -- cancellation never loses or invents a message -------------------------------
 
 
