@@ -24,6 +24,7 @@ This module must never open a file: the writer, reader and recovery do that.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import zlib
@@ -246,8 +247,26 @@ def is_all_zero(data, start: int) -> bool:
     return not any(view) if len(view) < 4096 else view.tobytes().count(0) == len(view)
 
 
+# The C walks of frames_offset() and split_frames() (node/_scan.c), when it was built.
+# As in node.reader, WALREP_PURE_PYTHON=1 (read at import) or setting these to None
+# forces pure Python.
+_frames_offset_fast = _split_points_fast = None
+if os.environ.get("WALREP_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from ._scan import frames_offset as _frames_offset_fast
+        from ._scan import split_points as _split_points_fast
+    except ImportError:  # not built, or built from an older _scan.c
+        pass
+
+
 def frames_offset(data: bytes, skip: int) -> int:
-    """Byte offset of frame number ``skip`` in a run of frames (for trimming overlaps)."""
+    """Byte offset of frame number ``skip`` in a run of frames (for trimming overlaps,
+    and to check that a run holds exactly its count). Reads lengths only."""
+    if _frames_offset_fast is not None:
+        pos = _frames_offset_fast(data, skip)
+        if pos < 0:
+            raise WALError(f"run of frames ends before frame {skip}")
+        return pos
     pos = 0
     for _ in range(skip):
         if len(data) - pos < ENTRY_HEADER_BYTES:
@@ -260,20 +279,39 @@ def frames_offset(data: bytes, skip: int) -> int:
 
 
 def split_frames(data: bytes, first_seq: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
-    """Cut a run of frames into pieces of about max_bytes: [(first_seq, count, bytes)]."""
+    """Cut a run of frames into pieces of about max_bytes: [(first_seq, count, bytes)].
+
+    ValueError if the run ends inside an entry (it comes from a commit, so that is a bug).
+    """
+    if _split_points_fast is not None:
+        points = _split_points_fast(data, max_bytes)
+    else:
+        points = _split_points(data, max_bytes)
     pieces = []
-    start = pos = 0
+    start = 0
     seq = first_seq
-    count = 0
+    for count, end in points:
+        pieces.append((seq, count, data[start:end]))  # the whole run is not copied
+        seq += count
+        start = end
+    return pieces
+
+
+def _split_points(data: bytes, max_bytes: int) -> list[tuple[int, int]]:
+    """The pure-Python split_points of node/_scan.c: [(count, end), ...]."""
+    points = []
+    start = pos = count = entry = 0
     size = len(data)
     while pos < size:
-        (length,) = struct.unpack_from(">I", data, pos)
-        pos += ENTRY_HEADER_BYTES + length
+        if (
+            size - pos < ENTRY_HEADER_BYTES
+            or size - pos - ENTRY_HEADER_BYTES < struct.unpack_from(">I", data, pos)[0]
+        ):
+            raise ValueError(f"run of frames ends inside entry {entry} (at byte {pos} of {size})")
+        pos += ENTRY_HEADER_BYTES + struct.unpack_from(">I", data, pos)[0]
         count += 1
-        if pos - start >= max_bytes:
-            pieces.append((seq, count, data[start:pos]))
-            seq += count
+        entry += 1
+        if pos - start >= max_bytes or pos == size:
+            points.append((count, pos))
             start, count = pos, 0
-    if count:
-        pieces.append((seq, count, data[start:pos]))
-    return pieces
+    return points

@@ -374,3 +374,63 @@ def _decode_with(fast, data, first_seq):
 @given(frames_st.flatmap(lambda frames: damage(frames, 0)), sequences)
 def test_decode_frames_same_with_and_without_extension(data, first_seq):
     assert _decode_with(_scan.scan_entries, data, first_seq) == _decode_with(None, data, first_seq)
+
+
+# -- the walks by length: frames_offset() and split_frames() -------------------------
+
+
+def _walk_with(fast: bool, call):
+    saved = fmt._frames_offset_fast, fmt._split_points_fast
+    if not fast:
+        fmt._frames_offset_fast = fmt._split_points_fast = None
+    try:
+        return "ok", call()
+    except Exception as e:  # WALError / ValueError for a short run: the same on both paths
+        return type(e), str(e)
+    finally:
+        fmt._frames_offset_fast, fmt._split_points_fast = saved
+
+
+def test_walks_use_the_extension():
+    if PURE:
+        assert fmt._frames_offset_fast is None and fmt._split_points_fast is None
+    else:
+        assert fmt._frames_offset_fast is _scan.frames_offset
+        assert fmt._split_points_fast is _scan.split_points
+
+
+def test_split_frames_cuts_where_a_piece_reaches_max_bytes():
+    run = b"".join(fmt.encode_entry(7, bytes([i]) * 100) for i in range(10))  # 116 B each
+    for fast in (True, False):
+        status, pieces = _walk_with(fast, lambda: fmt.split_frames(run, 41, 300))
+        assert status == "ok"
+        # 116, 232, 348 >= 300: three entries per piece, then the last one alone.
+        assert [(seq, count, len(frames)) for seq, count, frames in pieces] == [
+            (41, 3, 348),
+            (44, 3, 348),
+            (47, 3, 348),
+            (50, 1, 116),
+        ]
+        assert b"".join(frames for _, _, frames in pieces) == run
+        assert _walk_with(fast, lambda: fmt.split_frames(b"", 1, 300)) == ("ok", [])
+        assert _walk_with(fast, lambda: fmt.frames_offset(run, 4)) == ("ok", 4 * 116)
+        assert _walk_with(fast, lambda: fmt.frames_offset(run, 10)) == ("ok", len(run))
+    short = _walk_with(True, lambda: fmt.frames_offset(run, 11))
+    assert short == (fmt.WALError, "run of frames ends before frame 11")
+    cut = _walk_with(True, lambda: fmt.split_frames(run[:-1], 1, 300))
+    assert cut == (ValueError, "run of frames ends inside entry 9 (at byte 1044 of 1159)")
+
+
+@SETTINGS
+@given(
+    frames_st.flatmap(lambda frames: damage(frames, 0)),
+    st.integers(-2, 14),
+    st.integers(1, 2000),
+)
+def test_walks_same_with_and_without_extension(data, skip, max_bytes):
+    for call in (
+        lambda: fmt.frames_offset(data, skip),
+        lambda: fmt.frames_offset(memoryview(data), skip),
+        lambda: fmt.split_frames(data, 5, max_bytes),
+    ):
+        assert _walk_with(True, call) == _walk_with(False, call)
