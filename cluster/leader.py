@@ -680,21 +680,22 @@ class Leader:
             first, last = self.recent_requests[key]
             await self._wait_for_level(peer, request.request_id, first, last, replicas, received_at)
             return
-        for payload in request.payloads:
-            if len(payload) > fmt.MAX_PAYLOAD_BYTES:
+        waited = False
+        while True:
+            try:
+                # The writer checks every size before it takes anything (all or nothing),
+                # so an oversized payload is refused here, before any back-pressure wait.
+                first, last = self.writer.append_batch_nowait(request.payloads)
+                break
+            except fmt.PayloadTooLarge as exc:
                 self.refused_entries += len(request.payloads)
                 refusal = wire.Refused(
                     "too-large",
-                    f"payload of {len(payload)} bytes exceeds {fmt.MAX_PAYLOAD_BYTES}",
+                    f"payload of {exc.size} bytes exceeds {fmt.MAX_PAYLOAD_BYTES}",
                     request_id=request.request_id,
                 )
                 await self._reply(peer, refusal)
                 return
-        waited = False
-        while True:
-            try:
-                first, last = self.writer.append_batch_nowait(request.payloads)
-                break
             except node.WALDropped as exc:
                 if request.nowait:
                     self.busy_refusals += 1

@@ -275,6 +275,39 @@ def test_garbage_on_every_leader_socket_is_logged_and_survived(cluster):
     assert assert_identical(cluster) == 100
 
 
+def test_an_oversized_payload_is_refused_whole_and_takes_no_sequence(tmp_path):
+    import zmq
+
+    from cluster import wire
+    from node import format as fmt
+
+    cluster = LocalCluster(str(tmp_path / "cluster"), readers=0)
+    cluster.start()
+    ctx = zmq.Context()
+    try:
+        wait_started(cluster.leader, "leader-started")
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(cluster.ingest)
+        too_big = fmt.MAX_PAYLOAD_BYTES + 1
+        request = wire.Append(7, [b"fits", bytes(too_big), b"fits too"], ack="local")
+        sock.send(wire.encode(request))
+        assert sock.poll(60_000), "no answer to the oversized append"
+        refusal = wire.decode(sock.recv())
+        assert refusal == wire.Refused(
+            "too-large",
+            f"payload of {too_big} bytes exceeds {fmt.MAX_PAYLOAD_BYTES}",
+            request_id=7,
+        )
+        sock.send(wire.encode(wire.Append(8, [b"next"], ack="local")))
+        assert sock.poll(30_000), "no answer to the append after it"
+        # All or nothing: the refused request's small payloads took no sequence either.
+        assert wire.decode(sock.recv()) == wire.Appended(8, 1, 1)
+    finally:
+        ctx.destroy(linger=0)  # closes the socket too, so a failed assert cannot hang here
+        cluster.stop()
+
+
 @pytest.mark.parametrize(
     ("options", "ack"),
     [(["--writer-thread"], "replicas=2"), (["--sync-mode", "async"], "local")],
