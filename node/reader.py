@@ -589,6 +589,18 @@ def _segment_index(segments: list[Segment], seq: int) -> int:
 def decode_frames(data: bytes, first_seq: int) -> list[RawEntry]:
     """Split and verify a run of frames received from a peer; raise on any damage."""
     out: list[RawEntry] = []
+    _check_frames(data, first_seq, out)
+    return out
+
+
+def count_frames(data: bytes, first_seq: int) -> int:
+    """decode_frames() without building the entries: the same checks and errors, and
+    how many entries the run holds. A reader appending a 1000-entry batch spent a
+    quarter of its time building entries that nothing read."""
+    return _check_frames(data, first_seq, None)
+
+
+def _check_frames(data: bytes, first_seq: int, out: list[RawEntry] | None) -> int:
     pos = 0
     size = len(data)
     seq = first_seq
@@ -607,7 +619,8 @@ def decode_frames(data: bytes, first_seq: int) -> list[RawEntry]:
         payload = data[pos + _HEADER : end]
         if _crc32(payload) != crc:
             raise fmt.WALError(f"frames for sequence {seq}: CRC mismatch at byte {pos}")
-        out.append((seq, timestamp, payload))
+        if out is not None:
+            out.append((seq, timestamp, payload))
         pos = end
         seq += 1
-    return out
+    return len(out) if out is not None else seq - first_seq

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
-from .reader import Segment, WALReader, decode_frames, list_segments, read_file_bytes, scan
+from .reader import (
+    Segment,
+    WALReader,
+    count_frames,
+    decode_frames,
+    list_segments,
+    read_file_bytes,
+    scan,
+)
 
 log = logging.getLogger("walrep.node.writer")
 
@@ -487,19 +495,20 @@ class Writer:
         The run must start at this log's next sequence; every frame is checked
         (length, CRC) before anything is queued. Returns the last sequence.
         """
-        entries = decode_frames(data, first_seq)
-        if not entries:
+        held = count_frames(data, first_seq)
+        if not held:
             raise ValueError("no frames to append")
-        if count is not None and len(entries) != count:
+        if count is not None and held != count:
             raise fmt.WALError(
-                f"replicated run at {first_seq} declares {count} entries but holds {len(entries)}"
+                f"replicated run at {first_seq} declares {count} entries but holds {held}"
             )
 
         def hook_entries(first: int) -> list[ReplicationEntry]:
-            return [ReplicationEntry(*entry) for entry in entries]
+            # Only when a hook wants them; the frames were checked above.
+            return [ReplicationEntry(*entry) for entry in decode_frames(data, first_seq)]
 
         _first, last = self._append_frames(
-            [data], len(entries), hook_entries, wait=wait, timeout=timeout, expect_first=first_seq
+            [data], held, hook_entries, wait=wait, timeout=timeout, expect_first=first_seq
         )
         return last
 

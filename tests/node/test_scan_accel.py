@@ -434,3 +434,25 @@ def test_walks_same_with_and_without_extension(data, skip, max_bytes):
         lambda: fmt.split_frames(data, 5, max_bytes),
     ):
         assert _walk_with(True, call) == _walk_with(False, call)
+
+
+def _count_with(fast, data, first_seq):
+    saved = reader._scan_fast
+    reader._scan_fast = fast
+    try:
+        return "ok", reader.count_frames(data, first_seq)
+    except Exception as e:
+        return type(e), str(e)
+    finally:
+        reader._scan_fast = saved
+
+
+@SETTINGS
+@given(frames_st.flatmap(lambda frames: damage(frames, 0)), sequences)
+def test_count_frames_checks_as_decode_frames_does(data, first_seq):
+    # A reader's append counts and checks the frames without building entries: the
+    # same errors as decode_frames, on both paths, and its length when the run is good.
+    decoded = _decode_with(_scan.scan_entries, data, first_seq)
+    expected = ("ok", len(decoded[1])) if decoded[0] == "ok" else decoded
+    assert _count_with(_scan.scan_entries, data, first_seq) == expected
+    assert _count_with(None, data, first_seq) == expected

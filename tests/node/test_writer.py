@@ -733,3 +733,19 @@ def test_records_written_by_append_decode_back(wal):
     assert (first.kind, first.records, first.database) == ("records", records, None)
     assert second.kind == "columnar" and second.database == "telemetry"
     assert second.columnar == node.ColumnarEntry("telemetry", "mem", {"used": [1, 2]})
+
+
+def test_append_replicated_checks_the_declared_count_and_every_crc(wal):
+    runs = _leader_runs(wal, 10)
+    run = runs[0]
+    held = run.last_seq - run.first_seq + 1
+    follower = wal.writer(wal.dir("follower"))
+    with pytest.raises(fmt.WALError, match=f"declares {held + 1} entries but holds {held}"):
+        follower.append_replicated(run.first_seq, run.data, count=held + 1)
+    damaged = bytearray(run.data)
+    damaged[-1] ^= 0x01  # the last payload's last byte
+    with pytest.raises(fmt.WALError, match="CRC mismatch"):
+        follower.append_replicated(run.first_seq, bytes(damaged), count=held)
+    assert follower.current_sequence() == 0
+    assert follower.append_replicated(run.first_seq, run.data, count=held) == run.last_seq
+    follower.close()
