@@ -303,12 +303,10 @@ def _split_points(data: bytes, max_bytes: int) -> list[tuple[int, int]]:
     start = pos = count = entry = 0
     size = len(data)
     while pos < size:
-        if (
-            size - pos < ENTRY_HEADER_BYTES
-            or size - pos - ENTRY_HEADER_BYTES < struct.unpack_from(">I", data, pos)[0]
-        ):
+        length = struct.unpack_from(">I", data, pos)[0] if size - pos >= 4 else 0
+        if size - pos < ENTRY_HEADER_BYTES or size - pos - ENTRY_HEADER_BYTES < length:
             raise ValueError(f"run of frames ends inside entry {entry} (at byte {pos} of {size})")
-        pos += ENTRY_HEADER_BYTES + struct.unpack_from(">I", data, pos)[0]
+        pos += ENTRY_HEADER_BYTES + length
         count += 1
         entry += 1
         if pos - start >= max_bytes or pos == size:
