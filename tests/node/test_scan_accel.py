@@ -359,11 +359,13 @@ def test_scan_same_at_the_64_bit_limits():
                 ), (first, start, stop)
 
 
-def _decode_with(fast, data, first_seq):
+def _decode_with(fast, data, first_seq, walk=reader.decode_frames):
+    """walk(data, first_seq) with the extension (fast) or without (None): its result or
+    the error it raised, so that the two paths can be compared."""
     saved = reader._scan_fast
     reader._scan_fast = fast
     try:
-        return "ok", reader.decode_frames(data, first_seq)
+        return "ok", walk(data, first_seq)
     except Exception as e:  # WALError for damage; whatever misuse raises, the same
         return type(e), str(e)
     finally:
@@ -437,14 +439,7 @@ def test_walks_same_with_and_without_extension(data, skip, max_bytes):
 
 
 def _count_with(fast, data, first_seq):
-    saved = reader._scan_fast
-    reader._scan_fast = fast
-    try:
-        return "ok", reader.count_frames(data, first_seq)
-    except Exception as e:
-        return type(e), str(e)
-    finally:
-        reader._scan_fast = saved
+    return _decode_with(fast, data, first_seq, walk=reader.count_frames)
 
 
 @SETTINGS
