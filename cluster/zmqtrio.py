@@ -17,6 +17,7 @@ measured notes on pyzmq under trio.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -637,7 +638,9 @@ def new_context() -> zmq.Context:
     return zmq.Context()
 
 
-async def send_in_turn(sock: TrioSocket, lock: trio.Lock, frames: list[_Buffer]) -> None:
+async def send_in_turn(
+    sock: TrioSocket, lock: trio.Lock, frames: list[_Buffer], deadline: float = math.inf
+) -> bool:
     """Send one multipart message after every send already waiting on ``lock``.
 
     Several tasks share a socket and must not interleave their waits, so a sender
@@ -646,13 +649,19 @@ async def send_in_turn(sock: TrioSocket, lock: trio.Lock, frames: list[_Buffer])
     (replies, acks) that pass costs more than the send, once per message. A call
     whose scope is already cancelled sends nothing, but one that sends at once
     does not yield, which callers that loop must keep in mind.
+
+    Returns False, having sent nothing, when there was no room before ``deadline``
+    (trio's clock). Only a send that has to wait pays for that cancel scope.
     """
     await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled send sends nothing
     if not lock.locked():
         try:
             sock.send_multipart_nowait(frames)
-            return
+            return True
         except WouldBlock:
             pass
-    async with lock:
-        await sock.send_multipart(frames)
+    with trio.move_on_at(deadline):
+        async with lock:
+            await sock.send_multipart(frames)
+            return True
+    return False

@@ -135,3 +135,91 @@ def test_load_sends_into_a_slot_as_soon_as_a_reply_frees_it(tmp_path):
         arrivals = {request_id: t for t, request_id, _copy in leader.arrivals}
     assert code == 0 and [r["outcome"] for r in records].count("ok") == 3
     assert arrivals[3] - arrivals[1] < 0.5, "request 3 waited for request 2's slow answer"
+
+
+def never_answer(request, copy, now):
+    return None
+
+
+def answer_after(delays: dict[int, float]):
+    """Appended for every request, after delays.get(request_id, 0) seconds; the
+    sequences are request_id * 100 on, so a test can tell whose reply it got."""
+
+    def answer(request, copy, now):
+        first = request.request_id * 100
+        last = first + len(request.payloads) - 1
+        return delays.get(request.request_id, 0.0), wire.Appended(request.request_id, first, last)
+
+    return answer
+
+
+def test_client_gives_up_on_each_attempt_at_its_timeout():
+    async def main(endpoint):
+        async with open_client(endpoint, timeout=0.3) as client:
+            started = trio.current_time()
+            with trio.fail_after(5), pytest.raises(AppendUnknown) as caught:
+                await client.append_batch([b"x"], retries=2)
+            return caught.value.attempts, trio.current_time() - started
+
+    with ScriptedLeader(never_answer) as leader:
+        attempts, elapsed = trio.run(main, leader.endpoint)
+        copies = [copy for _t, _request_id, copy in leader.arrivals]
+    assert attempts == 3 and copies == [1, 2, 3]
+    # Three attempts of 0.3 s each; the expiry loop wakes a waiter at its deadline.
+    assert 0.9 <= elapsed < 2.0
+
+
+def test_a_shorter_timeout_is_kept_while_a_longer_one_waits():
+    """The expiry loop sleeps until the earliest deadline it knows: a request with a
+    shorter timeout, sent while it sleeps, must move that wake-up earlier."""
+
+    async def main(endpoint):
+        async with open_client(endpoint, timeout=30) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(client.append_batch, [b"slow"])  # request 1: waits 30 s
+            await trio.sleep(0.1)
+            client.timeout = 0.3
+            started = trio.current_time()
+            with trio.fail_after(5), pytest.raises(AppendUnknown):
+                await client.append_batch([b"quick"])  # request 2
+            nursery.cancel_scope.cancel()
+            return trio.current_time() - started
+
+    with ScriptedLeader(never_answer) as leader:
+        elapsed = trio.run(main, leader.endpoint)
+    assert 0.3 <= elapsed < 1.5
+
+
+def test_client_matches_replies_that_come_back_in_another_order():
+    async def main(endpoint):
+        results = {}
+        async with open_client(endpoint, timeout=10) as client:
+
+            async def append(name, count):
+                results[name] = await client.append_batch([name.encode()] * count)
+
+            async with trio.open_nursery() as nursery:
+                for name, count in (("a", 1), ("b", 2), ("c", 3)):
+                    nursery.start_soon(append, name, count)
+                    await trio.sleep(0.05)  # request ids 1, 2, 3 in this order
+        return results
+
+    # Replies in the reverse order of the requests.
+    with ScriptedLeader(answer_after({1: 0.6, 2: 0.3, 3: 0.0})) as leader:
+        results = trio.run(main, leader.endpoint)
+    assert results == {"a": (100, 100), "b": (200, 201), "c": (300, 302)}
+
+
+def test_a_cancelled_append_leaves_the_client_working():
+    """A caller that gives up on a request stops waiting at once; the reply that comes
+    later is dropped, and the next request gets its own answer."""
+
+    async def main(endpoint):
+        async with open_client(endpoint, timeout=10) as client:
+            with trio.move_on_after(0.2) as scope:
+                await client.append_batch([b"given-up"])  # request 1: answered after 0.5 s
+            assert scope.cancelled_caught
+            await trio.sleep(0.6)  # request 1's reply arrives meanwhile
+            return await client.append_batch([b"next"])
+
+    with ScriptedLeader(answer_after({1: 0.5})) as leader:
+        assert trio.run(main, leader.endpoint) == (200, 200)
