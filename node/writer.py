@@ -458,7 +458,8 @@ class Writer:
             queue.append(frame)
             self._queued_entries += 1
             if self._replication_hook is not None or self._batch_hook is not None:
-                self._call_hooks([ReplicationEntry(seq, timestamp, bytes(payload))])
+                entry = ReplicationEntry(seq, timestamp, bytes(payload))
+                self._call_hooks(lambda _first: [entry], seq)
         if len(queue) == 1 and self._thread is not None:
             self._wake.set()
         return seq
@@ -559,7 +560,7 @@ class Writer:
             self._queue.extend(chunks)
             self._queued_entries += n
             if self._replication_hook is not None or self._batch_hook is not None:
-                self._call_hooks(hook_entries(first))
+                self._call_hooks(hook_entries, first)
         if was_empty and self._thread is not None:
             self._wake.set()
         return first, first + n - 1
@@ -597,8 +598,13 @@ class Writer:
         finally:
             self._room_waiters -= 1
 
-    def _call_hooks(self, entries: list[ReplicationEntry]) -> None:
+    def _call_hooks(
+        self, hook_entries: Callable[[int], list[ReplicationEntry]], first: int
+    ) -> None:
         try:
+            # Built in here: a reader's entries are decoded from its frames only now,
+            # and an error doing so must not refuse what is already queued either.
+            entries = hook_entries(first)
             if self._replication_hook is not None:
                 for entry in entries:
                     self._replication_hook(entry)
@@ -607,7 +613,7 @@ class Writer:
         except Exception:
             # The entries are accepted whatever a hook does; a failing hook must not
             # make the caller believe they were refused.
-            log.exception("replication hook failed for sequences %d..", entries[0].seq)
+            log.exception("replication hook failed for sequences %d..", first)
 
     def _refuse_closed(self):
         if self._failed is not None:

@@ -432,6 +432,25 @@ def test_a_failing_hook_does_not_refuse_the_entry(wal):
     assert payloads_on_disk(wal.dir()) == {1: b"kept", 2: b"also"}
 
 
+def test_a_failure_building_a_readers_hook_entries_does_not_refuse_its_frames(wal, monkeypatch):
+    # A reader's hook entries are decoded from the frames under the writer's lock,
+    # after the frames are queued: a failure there (memory, say) is the hook's, and
+    # the frames stay accepted and get written.
+    frames = fmt.encode_entry(1, b"one") + fmt.encode_entry(2, b"two")
+    w = wal.writer()
+    seen = []
+    w.set_replication_hook(seen.append)
+
+    def out_of_memory(*_args):
+        raise MemoryError("building hook entries")
+
+    monkeypatch.setattr(node.writer, "decode_frames", out_of_memory)
+    assert w.append_replicated(1, frames) == 2
+    w.close()
+    assert seen == []
+    assert payloads_on_disk(wal.dir()) == {1: b"one", 2: b"two"}
+
+
 # --- invariant 4: sync modes, group commit, durable waits ----------------------------------
 
 
