@@ -358,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     append.add_argument(
         "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
     )
-    append.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    append.add_argument(
+        "--timeout", type=_positive_seconds, default=10.0, help="seconds (default 10)"
+    )
     append.add_argument(
         "--retries",
         type=int,
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument(
         "--control", required=True, metavar="EP", help="the leader's control endpoint"
     )
-    forget.add_argument("--timeout", type=float, default=10.0)
+    forget.add_argument("--timeout", type=_positive_seconds, default=10.0)
     _key_flags(forget)
     forget.set_defaults(func=cmd_forget_reader)
 
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("b", metavar="B")
     verify.add_argument("--from-seq", type=_positive_int, default=None, metavar="N")
     verify.add_argument("--to-seq", type=_positive_int, default=None, metavar="M")
-    verify.add_argument("--timeout", type=float, default=30.0)
+    verify.add_argument("--timeout", type=_positive_seconds, default=30.0)
     verify.add_argument("--json", action="store_true")
     _key_flags(verify)
     verify.set_defaults(func=cmd_verify)
@@ -415,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--control", required=True, metavar="EP", help="the leader's control endpoint"
     )
     status.add_argument("--json", action="store_true", help="one JSON object with a nodes list")
-    status.add_argument("--timeout", type=float, default=10.0)
+    status.add_argument("--timeout", type=_positive_seconds, default=10.0)
     _key_flags(status)
     status.set_defaults(func=cmd_status)
 
@@ -435,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
     )
-    load.add_argument("--timeout", type=float, default=10.0)
+    load.add_argument("--timeout", type=_positive_seconds, default=10.0)
     load.add_argument(
         "--retries",
         type=int,
@@ -453,6 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     _key_flags(load)
     load.set_defaults(func=cmd_load)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -55,9 +55,13 @@ class Receipt:
 
 
 class Client:
+    """Made by open_client, which runs the loops that deliver replies and time out
+    requests; a Client built by hand and not run that way never answers."""
+
     def __init__(self, socket, timeout: float, ack: str | None, client_id: str | None = None):
         self._socket = socket
         self.timeout = timeout
+        self._closed = False
         self.ack = ack
         # Names this client's requests, so the leader recognises a retry.
         self.client_id = client_id or secrets.token_hex(8)
@@ -67,6 +71,18 @@ class Client:
         # The sleep of _expire_loop: a request whose deadline falls before its end
         # moves it earlier (the loop replaces it each time it wakes).
         self._expiry = trio.CancelScope()
+
+    @property
+    def timeout(self) -> float:
+        """Seconds each attempt waits for its answer; a new value holds for the
+        attempts that start after it is set."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        if not seconds > 0:  # also refuses NaN
+            raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
+        self._timeout = seconds
 
     async def append(self, payload: bytes, *, ack: str | None = None, **options) -> int:
         first, _last = await self.append_batch([payload], ack=ack, **options)
@@ -122,11 +138,23 @@ class Client:
 
     async def retry(self, unknown: AppendUnknown, *, retries: int = 0) -> Receipt:
         """Send again the request an AppendUnknown came from: the original sequences
-        come back if it was committed, and it is appended once if it was not."""
-        return await self._send(unknown.request, retries, unknown.attempts)
+        come back if it was committed, and it is appended once if it was not.
+
+        The error must come from this client (replies are matched by request id,
+        which only this client's counter keeps unique)."""
+        request = unknown.request
+        if request is None or request.client_id != self.client_id:
+            raise ValueError("retry() takes an AppendUnknown raised by this same client")
+        return await self._send(request, retries, unknown.attempts)
 
     async def _send(self, request: wire.Append, retries: int, attempts_before: int = 0) -> Receipt:
         request_id = request.request_id
+        if self._closed:
+            raise trio.ClosedResourceError("this client is closed")
+        if request_id in self._waiting:
+            raise ClientError(
+                f"request {request_id} is already waiting for its answer in another call"
+            )
         data = wire.encode(request)
         answer = self._waiting[request_id] = _Answer()
         try:
@@ -136,22 +164,32 @@ class Client:
                 # No cancel scope per request: _expire_loop wakes whoever waits past its
                 # deadline. Two scopes per request (entered and closed) were a quarter
                 # of the client's CPU on the VM of README's Performance section.
-                answer.deadline = deadline = trio.current_time() + self.timeout
+                timeout = self.timeout
+                answer.deadline = deadline = trio.current_time() + timeout
                 if deadline < self._expiry.deadline:
                     self._expiry.deadline = deadline
-                if await zmqtrio.send_in_turn(self._socket, self._send_lock, [data], deadline):
+                sent = await zmqtrio.send_in_turn(self._socket, self._send_lock, [data], deadline)
+                # Checked with no yield before the wait: once closed, nothing wakes it.
+                if sent and not self._closed:
                     await answer.wait()
+                if self._closed and answer.message is None:
+                    raise AppendUnknown(
+                        f"the client closed while request {request_id} waited for its "
+                        "answer: the entries may or may not be committed",
+                        attempts=attempt,
+                        request=request,
+                    )
             reply = answer.message
             if reply is None:
                 raise AppendUnknown(
-                    f"no answer from the leader within {self.timeout} s for request "
+                    f"no answer from the leader within {timeout} s for request "
                     f"{request_id} ({attempt} attempts): the entries may or may not be "
                     "committed; client.retry(error) sends it again without duplicating it",
                     attempts=attempt,
                     request=request,
                 )
         finally:
-            self._waiting.pop(request_id, None)
+            del self._waiting[request_id]
         if isinstance(reply, wire.Refused):
             if attempt > 1:
                 # The refusal may answer an earlier attempt (busy, say) while a later
@@ -200,6 +238,13 @@ class Client:
             with trio.CancelScope(deadline=earliest) as self._expiry:
                 await trio.sleep_forever()
 
+    def _close(self) -> None:
+        """Wake every request still waiting (from tasks outside open_client's block,
+        which outlive the loops): each raises AppendUnknown."""
+        self._closed = True
+        for answer in self._waiting.values():
+            answer.wake()
+
 
 class _Answer:
     """The leader's answer to one request, and the task waiting for it.
@@ -228,6 +273,7 @@ class _Answer:
         self._task = None  # cancelled: nobody to wake any more
         return trio.lowlevel.Abort.SUCCEEDED
 
+    @trio.lowlevel.enable_ki_protection  # a task rescheduled twice breaks trio's run
     def wake(self) -> None:
         if self._task is not None:
             trio.lowlevel.reschedule(self._task)
@@ -262,10 +308,11 @@ async def open_client(
                 try:
                     yield client
                 finally:
+                    client._close()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The nursery only runs our receive loop: a caller's error comes out alone,
-            # and callers should see it as it was raised, not wrapped in a group.
+            # The nursery only runs the client's own two loops: a caller's error comes
+            # out alone, and callers should see it as it was raised, not in a group.
             leaves = _leaves(group)
             if len(leaves) == 1:
                 raise leaves[0] from None

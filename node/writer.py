@@ -458,8 +458,9 @@ class Writer:
             queue.append(frame)
             self._queued_entries += 1
             if self._replication_hook is not None or self._batch_hook is not None:
-                entry = ReplicationEntry(seq, timestamp, bytes(payload))
-                self._call_hooks(lambda _first: [entry], seq)
+                self._call_hooks(
+                    lambda _first: [ReplicationEntry(seq, timestamp, bytes(payload))], seq
+                )
         if len(queue) == 1 and self._thread is not None:
             self._wake.set()
         return seq
