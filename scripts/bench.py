@@ -843,7 +843,12 @@ def section_latency(cfg: dict, base: str) -> tuple[list[dict], dict]:
                 pipeline = Pipeline(os.path.join(base, f"pipe-{tag}-{i}"))
                 try:
                     warm_up_pipeline(pipeline)
-                    pipeline_runs.append(run_load(pipeline, int(rate * seconds), *load))
+                    # The same sleeper as walrep's run: it costs the machine a little
+                    # CPU, and both sides should pay it.
+                    with WakeStalls() as stalls:
+                        bare_summary = run_load(pipeline, int(rate * seconds), *load)
+                    bare_summary["wake_stalls"] = stalls.report()
+                    pipeline_runs.append(bare_summary)
                 finally:
                     pipeline.stop()
                 shutil.rmtree(pipeline.base, ignore_errors=True)
@@ -864,6 +869,7 @@ def section_latency(cfg: dict, base: str) -> tuple[list[dict], dict]:
             f"{r['wake_stalls']['count']} (longest {r['wake_stalls']['longest_ms']:.0f} ms)"
             for r in runs
         )
+        bare_stalls_text = ", ".join(str(r["wake_stalls"]["count"]) for r in bare_runs)
         floor = floors[batch]
         rows.append(
             row(
@@ -884,11 +890,13 @@ def section_latency(cfg: dict, base: str) -> tuple[list[dict], dict]:
                 f"requests of {batch}, 64 in flight; achieved "
                 f"{human_rate(summary['entries_per_s'])}; write {batch} frames + fdatasync, "
                 f"paced alike: {floor['p50']:.2f}/{floor['p99']:.2f}/{floor['p99.9']:.2f} ms; "
-                f"a 2 ms sleeper woke over 2 ms late {stalls_text} times per run",
+                f"a 2 ms sleeper woke over 2 ms late {stalls_text} times per run "
+                f"(during the bare path's: {bare_stalls_text})",
                 latency_ms=lat,
                 baseline_latency_ms=bare,
                 fdatasync_floor_ms=floor,
                 wake_stalls=[r["wake_stalls"] for r in runs],
+                baseline_wake_stalls=[r["wake_stalls"] for r in bare_runs],
             )
         )
     return rows, results
