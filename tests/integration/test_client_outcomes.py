@@ -328,3 +328,19 @@ def test_every_command_refuses_a_timeout_that_is_not_positive(command, capsys):
         main([command, "--timeout", "0"])
     assert exited.value.code == (2 if command == "verify" else 1)  # verify's usage status
     assert "--timeout: 0 is not a positive number of seconds" in capsys.readouterr().err
+
+
+def test_an_answer_past_its_deadline_does_not_wait():
+    """A send that had to wait for room may finish at or after its request's deadline,
+    when the expiry loop has already left that request out of its next wake-up: the
+    wait must then end at once, not park until some later request's deadline."""
+    from cluster.client import _Answer
+
+    async def main():
+        answer = _Answer()
+        answer.deadline = trio.current_time()
+        with trio.fail_after(2):
+            await answer.wait()
+        assert answer.message is None
+
+    trio.run(main)
