@@ -88,6 +88,22 @@ def run_load(endpoint: str, tmp_path, *extra: str) -> tuple[int, list[dict]]:
     return result.returncode, [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def never_answer(request, copy, now):
+    return None
+
+
+def answer_after(delays: dict[int, float]):
+    """Appended for every request, after delays.get(request_id, 0) seconds; the
+    sequences are request_id * 100 on, so a test can tell whose reply it got."""
+
+    def answer(request, copy, now):
+        first = request.request_id * 100
+        last = first + len(request.payloads) - 1
+        return delays.get(request.request_id, 0.0), wire.Appended(request.request_id, first, last)
+
+    return answer
+
+
 def test_load_logs_a_refusal_after_a_retry_as_unknown(tmp_path):
     with ScriptedLeader(refuse_the_first_copy_once_the_second_arrives) as leader:
         code, records = run_load(
@@ -124,34 +140,13 @@ def test_load_sends_into_a_slot_as_soon_as_a_reply_frees_it(tmp_path):
     """Two in flight, three requests: request 2's answer takes 1 s. Request 1's answer
     frees a slot at once, and request 3 must go out then, not when request 2 ends."""
 
-    def answer(request, copy, now):
-        delay = 1.0 if request.request_id == 2 else 0.0
-        first = request.request_id * 100
-        return delay, wire.Appended(request.request_id, first, first)
-
-    with ScriptedLeader(answer) as leader:
+    with ScriptedLeader(answer_after({2: 1.0})) as leader:
         code, records = run_load(
             leader.endpoint, tmp_path, "--count", "3", "--batch", "1", "--inflight", "2"
         )
         arrivals = {request_id: t for t, request_id, _copy in leader.arrivals}
     assert code == 0 and [r["outcome"] for r in records].count("ok") == 3
     assert arrivals[3] - arrivals[1] < 0.5, "request 3 waited for request 2's slow answer"
-
-
-def never_answer(request, copy, now):
-    return None
-
-
-def answer_after(delays: dict[int, float]):
-    """Appended for every request, after delays.get(request_id, 0) seconds; the
-    sequences are request_id * 100 on, so a test can tell whose reply it got."""
-
-    def answer(request, copy, now):
-        first = request.request_id * 100
-        last = first + len(request.payloads) - 1
-        return delays.get(request.request_id, 0.0), wire.Appended(request.request_id, first, last)
-
-    return answer
 
 
 def test_client_gives_up_on_each_attempt_at_its_timeout():
