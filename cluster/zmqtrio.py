@@ -651,8 +651,7 @@ async def send_in_turn(
     does not yield, which callers that loop must keep in mind.
 
     Returns False, having sent nothing, when there was no room before ``deadline``
-    (trio's clock). Only a send with a deadline that has to wait pays for a cancel
-    scope.
+    (trio's clock). Only a send that has to wait pays for that cancel scope.
     """
     await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled send sends nothing
     if not lock.locked():
@@ -661,10 +660,6 @@ async def send_in_turn(
             return True
         except WouldBlock:
             pass
-    if deadline == math.inf:
-        async with lock:
-            await sock.send_multipart(frames)
-        return True
     with trio.move_on_at(deadline):
         async with lock:
             await sock.send_multipart(frames)
