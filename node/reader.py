@@ -564,7 +564,10 @@ class WALReader:
         pack = struct.Struct(">Q").pack
         for seq, timestamp, payload in self.raw_entries(from_seq, to_seq):
             if seq != expected:
-                raise RangeNotAvailable(expected, from_seq, seq - 1)
+                # A damaged entry skipped mid-run, or segments purged under this read
+                # (the log now starts past expected): say what is held either way.
+                first, last = (from_seq, expected - 1) if expected > from_seq else self.bounds()
+                raise RangeNotAvailable(expected, first, last)
             h.update(pack(seq))
             h.update(fmt.ENTRY_HEADER.pack(len(payload), timestamp, _crc32(payload)))
             h.update(payload)
