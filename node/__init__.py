@@ -14,6 +14,7 @@ from .format import (
     parse_envelope,
     segment_name,
 )
+from .lockfile import LOCK_FILE_NAME, WALLocked, lock_dir
 from .meta import load_meta, new_log_id, save_meta, update_meta
 from .reader import Entry, RangeNotAvailable, RawEntry, WALReader
 from .recovery import Recovery, RecoveryOptions, RecoveryStats
@@ -31,6 +32,7 @@ from .writer import (
 )
 
 __all__ = [
+    "LOCK_FILE_NAME",
     "MAX_DATABASE_NAME_BYTES",
     "MAX_PAYLOAD_BYTES",
     "ColumnarEntry",
@@ -52,6 +54,8 @@ __all__ = [
     "WALDropped",
     "WALError",
     "WALFailed",
+    "WALLocked",
+    "lock_dir",
     "WALReader",
     "Writer",
     "WriterStats",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import format as fmt
+from .lockfile import lock_dir
 from .reader import WALReader, list_segments
 
 log = logging.getLogger("walrep.node.recovery")
@@ -84,6 +85,21 @@ class Recovery:
         files, _legacy = self.list_wal_files()
         now = time.time()
         skip = os.path.abspath(options.skip_active_file) if options.skip_active_file else None
+        # Deleting files writes the directory: not while a Writer holds it (WALLocked).
+        lock = (
+            lock_dir(self.wal_dir)
+            if options.delete_replayed and os.path.isdir(self.wal_dir)
+            else None
+        )
+        try:
+            self._replay_all(files, skip, now, callback, options, stats)
+        finally:
+            if lock is not None:
+                lock.release()
+        stats.recovery_duration_s = time.monotonic() - started
+        return stats
+
+    def _replay_all(self, files, skip, now, callback, options, stats) -> None:
         for path in files:
             if skip is not None and os.path.abspath(path) == skip:
                 stats.skipped_files += 1
@@ -95,8 +111,6 @@ class Recovery:
             stats.recovered_files += 1
             if options.delete_replayed:
                 os.unlink(path)
-        stats.recovery_duration_s = time.monotonic() - started
-        return stats
 
     def _replay_file(self, path, callback, options, stats) -> None:
         reader = WALReader(path, on_problem=stats.problems.append)

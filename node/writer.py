@@ -14,8 +14,10 @@ appends everything that arrived and then flushes once groups commits just as wel
 and saves the two thread hand-offs per commit, which dominate commit latency on
 machines where waking another thread is expensive (see README, Performance).
 
-The writer owns the files of its directory: it must be the only writer there.
-It never talks to the network; the cluster layer hangs replication off its hooks.
+The writer owns the files of its directory and is the only writer there: it locks
+the directory (node.lockfile) before it looks at or repairs anything, and a second
+writer, in this process or another, is refused with WALLocked. It never talks to
+the network; the cluster layer hangs replication off its hooks.
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import format as fmt
+from .lockfile import lock_dir
 from .reader import (
+    ScanEnd,
     Segment,
     WALReader,
     count_frames,
     decode_frames,
     list_segments,
-    read_file_bytes,
     scan,
 )
 
@@ -54,6 +57,13 @@ DEFAULT_BUFFER_ENTRIES = 10_000
 # often: the entries already have sequences, so they must go to disk in order.
 WRITE_RETRY_INTERVAL_S = 0.5
 REPAIR_MODES = ("tail", "cut")
+# Repairs copy cut bytes to a .broken file this many at a time and leave a block of
+# zeros as a hole instead of writing it.
+_SPARSE_BLOCK_BYTES = 1024 * 1024
+# How many zeros past a newest segment's last non-zero byte its scan on open reads:
+# a crash leaves a few, and a file extended by a gigabyte of them must not cost a
+# gigabyte of memory. Below this much, the whole file is read, as it always was.
+_ZERO_TAIL_READ_BYTES = 1024 * 1024
 SYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 _pack_header = fmt.ENTRY_HEADER.pack
@@ -233,6 +243,21 @@ class Writer:
         self._active_size = 0
         self._active_opened = 0.0
         self._active_entries = 0
+        # Before anything reads or repairs the directory: a second writer must not
+        # cut a tail the first is still writing, nor hand out its sequences.
+        self._dir_lock = lock_dir(wal_dir)
+        try:
+            self._start(background)
+        except BaseException:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)  # nothing was written through it yet
+            self._dir_lock.release()
+            raise
+
+    def _start(self, background: bool) -> None:
+        """The rest of __init__, under the directory lock: open the log, start the thread."""
+        wal_dir = self.wal_dir
         next_seq = self._open_newest()
         self._next_seq = next_seq  # next sequence to assign
         self._written_next = next_seq  # next sequence to write to disk
@@ -265,7 +290,7 @@ class Writer:
         if not segments:
             return 1
         newest = segments[-1]
-        data = read_file_bytes(newest.path)
+        data, size = _read_newest_segment(newest.path)
         header_problem = fmt.check_file_header(data)
         if header_problem is not None:
             if len(data) < fmt.FILE_HEADER_BYTES and fmt.FILE_HEADER.startswith(data):
@@ -275,7 +300,7 @@ class Writer:
                 return newest.first_seq
             raise fmt.WALError(f"cannot open the newest segment {newest.path}: {header_problem}")
         problems: list[fmt.Problem] = []
-        end = scan(data, newest.path, newest.first_seq, is_tail=True, on_problem=problems.append)
+        end = _scan_newest_segment(newest, data, size, problems)
         damage = [p for p in problems if p.kind != "torn-tail"]
         if damage:
             # Past a bad CRC or length the entry boundaries are uncertain, so the next
@@ -288,7 +313,7 @@ class Writer:
                 f"{damage[0].sequence}."
             )
         if end.problem is not None:
-            self._cut_tail(newest.path, data, end.valid_end, end.problem)
+            self._cut_tail(newest.path, end.valid_end, end.problem)
         self._attach(newest, end.valid_end, end.entries)
         return end.next_seq
 
@@ -312,14 +337,13 @@ class Writer:
         for segment in reversed(moved):
             broken = f"{segment.path}.broken"
             if os.path.exists(broken):
-                _append_synced(broken, read_file_bytes(segment.path))
+                _copy_sparse_synced(segment.path, 0, broken)
                 os.unlink(segment.path)
             else:
                 os.rename(segment.path, broken)
             _sync_dir(self.wal_dir)
-        data = read_file_bytes(problem.file)
         keep = problem.offset if problem.kind != "bad-header" else 0
-        _append_synced(f"{problem.file}.broken", data[keep:])
+        cut = _copy_sparse_synced(problem.file, keep, f"{problem.file}.broken")
         if keep < fmt.FILE_HEADER_BYTES:
             self._rewrite_header(problem.file)
         else:
@@ -331,21 +355,21 @@ class Writer:
             "%s.broken and moved %d later segments to .broken files",
             problem.sequence,
             problem,
-            len(data) - keep,
+            cut,
             problem.file,
             len(moved),
         )
 
-    def _cut_tail(self, path: str, data: bytes, valid_end: int, problem: fmt.Problem) -> None:
+    def _cut_tail(self, path: str, valid_end: int, problem: fmt.Problem) -> None:
         broken = f"{path}.broken"
-        _append_synced(broken, data[valid_end:])
+        cut = _copy_sparse_synced(path, valid_end, broken)
         _truncate_synced(path, valid_end)
         _sync_dir(self.wal_dir)
         self.repairs.append(problem)
         log.warning(
             "cut a torn tail: %s; kept the %d cut bytes in %s",
             problem,
-            len(data) - valid_end,
+            cut,
             broken,
         )
 
@@ -739,6 +763,14 @@ class Writer:
         return True
 
     def _run(self) -> None:
+        try:
+            self._run_until_closed()
+        finally:
+            if self._closing:
+                # close() timed out waiting for this thread and left the lock to it.
+                self._dir_lock.release()
+
+    def _run_until_closed(self) -> None:
         retry_group: tuple[list[bytes], int] | None = None
         while True:
             self._wake.wait(self._idle_timeout())
@@ -942,6 +974,9 @@ class Writer:
         else:
             self._wake.set()
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            # A thread still writing after the timeout lets go of it when it ends.
+            self._dir_lock.release()
         with self._progress:
             self._progress.notify_all()
         if self._failed is not None:
@@ -1135,12 +1170,149 @@ def _truncate_synced(path: str, size: int) -> None:
         os.close(fd)
 
 
-def _append_synced(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, 0o600)
+def _read_newest_segment(path: str) -> tuple[bytes, int]:
+    """The newest segment's bytes for the scan on open, and the file's size.
+
+    A crash can leave a file longer than what was written to it, ending in zeros,
+    and so can a tool: however many there are, the scan needs the bytes up to the
+    last non-zero one and a few of the zeros after it (_scan_newest_segment adds
+    more if an entry reaches further). So a gigabyte of zeros is neither read into
+    memory nor, where it is a hole, read at all.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        limit = min(size, _data_end(fd, size) + _ZERO_TAIL_READ_BYTES)
+        parts = []
+        pos = 0
+        while pos < limit and (part := os.pread(fd, limit - pos, pos)):
+            parts.append(part)
+            pos += len(part)
+    finally:
+        os.close(fd)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    return data, (size if pos == limit else pos)  # short of limit: the file shrank
+
+
+def _scan_newest_segment(
+    segment: Segment, data: bytes, size: int, problems: list[fmt.Problem]
+) -> ScanEnd:
+    """scan() of the newest segment as if data held all of its size bytes.
+
+    Past the bytes _read_newest_segment read, the file holds only zeros: when the
+    scan stops where it needs more of them (an entry whose payload ends in zeros,
+    or the header after it), they are added here, not read.
+    """
+    while True:
+        problems.clear()
+        end = scan(data, segment.path, segment.first_seq, is_tail=True, on_problem=problems.append)
+        if len(data) >= size:
+            return end
+        need = _bytes_to_judge(data, end.valid_end)
+        if need <= len(data):
+            break
+        data += bytes(min(size, need + _ZERO_TAIL_READ_BYTES) - len(data))
+    if end.problem is not None:
+        # The problem's count of lost bytes stopped at len(data): the zeros after are
+        # lost too.
+        problem = _problem_to_end(end.problem, len(data), size)
+        problems[problems.index(end.problem)] = problem
+        end = replace(end, problem=problem)
+    return end
+
+
+def _bytes_to_judge(data: bytes, pos: int) -> int:
+    """How much of the file the scan needs to judge the entry at pos: its header and,
+    if the length there is possible, its payload (0 if no more would change that)."""
+    if len(data) - pos < fmt.ENTRY_HEADER_BYTES:
+        return pos + fmt.ENTRY_HEADER_BYTES
+    length = fmt.ENTRY_HEADER.unpack_from(data, pos)[0]
+    if length > _MAX:
+        return 0  # a bad length however many bytes follow
+    return pos + fmt.ENTRY_HEADER_BYTES + length
+
+
+def _problem_to_end(problem: fmt.Problem, scanned: int, size: int) -> fmt.Problem:
+    """problem, found in the first scanned bytes of a file, as a scan of all size bytes
+    reports it: the same place and kind, with everything to the end of the file lost."""
+    old, lost = scanned - problem.offset, size - problem.offset
+    detail = problem.detail
+    for phrase in ("the last {} bytes", "the remaining {} bytes"):
+        detail = detail.replace(phrase.format(old), phrase.format(lost))
+    return replace(problem, detail=detail, lost_bytes=lost)
+
+
+def _data_regions(fd: int, start: int, stop: int) -> list[tuple[int, int]]:
+    """The parts of [start, stop) of a file that are not holes, in order (all of it
+    where the file system cannot tell)."""
+    seek_data = getattr(os, "SEEK_DATA", None)  # Linux, and not every other system
+    if seek_data is None:
+        return [(start, stop)] if start < stop else []
+    regions: list[tuple[int, int]] = []
+    pos = start
+    while pos < stop:
+        try:
+            begin = os.lseek(fd, pos, seek_data)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # a hole from pos to the end of the file
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(start, stop)]
+            raise
+        if begin >= stop:
+            break
+        end = min(os.lseek(fd, begin, os.SEEK_HOLE), stop)
+        regions.append((begin, end))
+        pos = end
+    return regions
+
+
+def _data_end(fd: int, size: int) -> int:
+    """The offset just past the file's last non-zero byte (0 if it is all zeros)."""
+    for begin, end in reversed(_data_regions(fd, 0, size)):
+        while end > begin:
+            start = max(begin, end - _SPARSE_BLOCK_BYTES)
+            kept = os.pread(fd, end - start, start).rstrip(b"\0")
+            if kept:
+                return start + len(kept)
+            end = start
+    return 0
+
+
+def _copy_sparse_synced(src: str, start: int, dst: str) -> int:
+    """Append src's bytes from start on to dst (created 0600), fsync dst, return how many.
+
+    The copy has the same length and content, but zeros are not written: holes in
+    src and blocks of zeros stay holes in dst, and the rest goes a block at a time,
+    so a tail of a gigabyte of zeros costs neither a gigabyte of disk nor of memory.
+    """
+    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        count = max(0, os.fstat(src_fd).st_size - start)
+        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            at = os.fstat(dst_fd).st_size - start  # after what earlier repairs kept there
+            for begin, end in _data_regions(src_fd, start, start + count):
+                for offset in range(begin, end, _SPARSE_BLOCK_BYTES):
+                    block = os.pread(src_fd, min(_SPARSE_BLOCK_BYTES, end - offset), offset)
+                    if block.count(0) != len(block):
+                        _pwrite_all(dst_fd, block, at + offset)
+            os.ftruncate(dst_fd, at + start + count)
+            os.fsync(dst_fd)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    os.chmod(dst, 0o600)
+    return count
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _sync_dir(path: str) -> None:
