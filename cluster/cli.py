@@ -1,6 +1,8 @@
 """The `walrep` command line: one sub-command per job, each in a small function.
 
-Exit statuses: 0 success, 1 usage or I/O error, 3 (dump) damage found in a log.
+Exit statuses: 0 success, 1 usage or I/O error, 2 a config, flag value or WAL
+directory that cannot work as given (a node that cannot start), 3 (dump) damage
+found in a log.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ import node
 from node import format as fmt
 
 from . import config as configmod
+from . import startup
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+# Retrying as is cannot help (the reader's systemd unit does not restart on it): a bad
+# config, a WAL directory the node cannot use, a port held by another process, an ack
+# level that does not exist.
+EXIT_INVALID = 2
 EXIT_DAMAGED = 3
 
 
@@ -152,9 +159,14 @@ def cmd_leader(args: argparse.Namespace) -> int:
     from .leader import run_leader
 
     config = _load_config(configmod.LeaderConfig, args)
+    startup.check_node(config)  # before the WAL or a socket is opened
     logs.setup(config.log_level, config.log_json)
     tune_for_latency()
-    return trio.run(run_leader, config)
+    try:
+        return trio.run(run_leader, config)
+    except (node.WALError, OSError) as exc:
+        # Raised bare only while the WAL opens (errors once running come in a group).
+        return _cannot_open("leader", config, exc)
 
 
 def cmd_reader(args: argparse.Namespace) -> int:
@@ -164,9 +176,35 @@ def cmd_reader(args: argparse.Namespace) -> int:
     from .reader import run_reader
 
     config = _load_config(configmod.ReaderConfig, args)
+    startup.check_node(config)  # before the WAL is opened or the leader hears of us
     logs.setup(config.log_level, config.log_json)
     tune_for_latency()
-    return trio.run(run_reader, config)
+    try:
+        return trio.run(run_reader, config)
+    except (node.WALError, OSError) as exc:
+        return _cannot_open("reader", config, exc)
+
+
+def _cannot_open(command: str, config, exc: Exception) -> int:
+    """One line for a WAL that would not open (damaged, locked, unwritable): exit 2."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        why = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        why = str(exc)
+    print(f"walrep {command}: {config.source}: key 'wal_dir': {why}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _check_ack(command: str, ack: str | None) -> bool:
+    """Refuse an ack level the leader would refuse, before anything is sent."""
+    if ack is None:
+        return True
+    try:
+        configmod.parse_ack(ack)
+    except ValueError as exc:
+        print(f"walrep {command}: --ack: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_append(args: argparse.Namespace) -> int:
@@ -174,6 +212,8 @@ def cmd_append(args: argparse.Namespace) -> int:
 
     from .client import ClientError, open_client
 
+    if not _check_ack("append", args.ack):
+        return EXIT_INVALID
     try:
         records = json.loads(args.json)
     except ValueError as exc:
@@ -205,6 +245,8 @@ def cmd_append(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from .loadgen import run_load
 
+    if not _check_ack("load", args.ack):
+        return EXIT_INVALID
     tune_for_latency()  # it measures commit latency
     return run_load(args)
 
@@ -274,20 +316,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_VERIFY_ERROR
     progress.done()
     if args.json:
-        print(json.dumps(report.__dict__))
+        print(json.dumps(report.as_dict()))
     else:
         print(report.text())
+    if report.damage:
+        return EXIT_VERIFY_ERROR  # a damaged log is not "different": it needs repair first
     return EXIT_OK if report.equal else EXIT_DIFFER
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    role = args.role or _guess_role(args.file)
-    cls = configmod.LeaderConfig if role == "leader" else configmod.ReaderConfig
     try:
+        role = args.role or _guess_role(args.file)
+        cls = configmod.LeaderConfig if role == "leader" else configmod.ReaderConfig
         config = configmod.load(cls, args.file, {})
     except configmod.ConfigError as exc:
         print(f"walrep check-config: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_INVALID
     print(f"{args.file}: a valid {role} config")
     for key in configmod.key_names(cls):
         print(f"  {key} = {getattr(config, key)!r}")
@@ -295,7 +339,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _guess_role(path: str) -> str:
-    """A file with reader-only keys is a reader's; otherwise a leader's."""
+    """The role whose own keys the file has; ConfigError if it has none, or both roles'."""
     import tomllib
 
     try:
@@ -303,10 +347,29 @@ def _guess_role(path: str) -> str:
             keys = set(tomllib.load(f))
     except (OSError, tomllib.TOMLDecodeError):
         return "leader"  # load() will report the file's problem
-    reader_only = set(configmod.key_names(configmod.ReaderConfig)) - set(
-        configmod.key_names(configmod.LeaderConfig)
+    leader_keys = set(configmod.key_names(configmod.LeaderConfig))
+    reader_keys = set(configmod.key_names(configmod.ReaderConfig))
+    leader_only = sorted(keys & (leader_keys - reader_keys))
+    reader_only = sorted(keys & (reader_keys - leader_keys))
+    if reader_only and not leader_only:
+        return "reader"
+    if leader_only and not reader_only:
+        return "leader"
+    if leader_only:
+        why = (
+            f"it has leader keys ({', '.join(leader_only)}) and reader keys "
+            f"({', '.join(reader_only)})"
+        )
+    else:
+        # wal_dir, id, sync_mode, control... are both roles' keys.
+        why = (
+            "it has no key only one role has (a reader has leader_publish and "
+            "leader_control; a leader, ingest and publish)"
+        )
+    raise configmod.ConfigError(
+        f"{path}: cannot tell whether this is a leader's or a reader's config: {why}; "
+        "say which with --role leader or --role reader"
     )
-    return "reader" if keys & reader_only else "leader"
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -384,7 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     forget.set_defaults(func=cmd_forget_reader)
 
     verify = sub.add_parser(
-        "verify", help="are two logs the same over a range, and where do they first differ"
+        "verify",
+        help="are two logs the same over a range, where do they first differ, is one damaged",
+        epilog="exit status: 0 identical, 1 different (or one lacks a range), "
+        "2 damage found (with side, file, offset and sequence) or a log could not be read",
     )
     verify.usage_exit_status = EXIT_VERIFY_ERROR
     verify.add_argument(
@@ -404,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         choices=["leader", "reader"],
         default=None,
-        help="default: reader if the file has reader keys (id, leader_*)",
+        help="default: the role whose own keys the file has (leader_* for a reader; "
+        "ingest, publish for a leader)",
     )
     check.set_defaults(func=cmd_check_config)
 
@@ -492,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except configmod.ConfigError as exc:
         print(f"walrep {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

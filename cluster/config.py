@@ -7,6 +7,8 @@ that name the key and the file.
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,7 +16,14 @@ from urllib.parse import urlsplit
 
 from node.writer import SyncMode
 
+from .wire import MAX_ID_BYTES
+
 ACK_LEVELS_HELP = "none, local, or replicas=N"
+# ASCII digits only: int() would also take "+1", " 1", "1_0" and other scripts' digits.
+# Nine at most keeps int() far from its digit limit; no cluster has a billion readers.
+_REPLICAS = re.compile(r"replicas=([0-9]{1,9})")
+# ZeroMQ keeps high-water marks in a C int; a larger value fails deep inside setsockopt.
+MAX_HWM = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -33,8 +42,13 @@ class LeaderConfig:
     # costs latency, but a disk that stalls for seconds then stalls only the commits.
     writer_thread: bool = False
     default_ack: str = "local"
-    # Messages queued per subscriber before PUB drops (readers then fetch the gap).
-    publish_hwm: int = 1000
+    # Messages queued per subscriber before PUB drops (readers then fetch the gap). A
+    # subscriber that stops reading holds up to this many batches (~256 KiB each under
+    # load) of the leader's memory; a reader's own receive_hwm buffers on its side.
+    publish_hwm: int = 256
+    # Connections the publish socket takes at once (readers, plus room for restarts);
+    # more are refused at the handshake and counted in status (subscribers_refused).
+    max_subscribers: int = 32
     # Retention: segments every known reader holds durably are purged; these bounds
     # purge older segments anyway (0 = no bound), and readers that needed them get
     # "too old" (like PostgreSQL's max_slot_wal_keep_size).
@@ -127,6 +141,16 @@ def check(config) -> None:
 
     if not config.wal_dir:
         fail("wal_dir", "is required")
+    if "\0" in config.wal_dir:
+        fail("wal_dir", f"{config.wal_dir!r} contains a NUL character")
+    for key in ("max_retained_age_s", "anti_entropy_interval_s"):
+        value = getattr(config, key, None)
+        if value is not None and not math.isfinite(value):
+            fail(key, f"{value} is not a number of seconds")
+    for key in ("publish_hwm", "receive_hwm"):
+        value = getattr(config, key, None)
+        if value is not None and value > MAX_HWM:
+            fail(key, f"{value} is more than ZeroMQ takes ({MAX_HWM})")
     try:
         SyncMode(config.sync_mode)
     except ValueError:
@@ -143,12 +167,15 @@ def check(config) -> None:
         fail("log_level", f"{config.log_level!r} is not one of debug, info, warning, error")
     if isinstance(config, LeaderConfig):
         endpoints = {"ingest": config.ingest, "publish": config.publish, "control": config.control}
+        _check_id(config.id, fail)
         if config.max_retained_bytes < 0:
             fail("max_retained_bytes", "must be 0 (no bound) or more")
         if config.max_retained_age_s < 0:
             fail("max_retained_age_s", "must be 0 (no bound) or more")
         if config.publish_hwm < 0:
             fail("publish_hwm", "must be 0 (no limit) or more")
+        if config.max_subscribers < 1:
+            fail("max_subscribers", "must be at least 1")
         try:
             parse_ack(config.default_ack)
         except ValueError as exc:
@@ -156,6 +183,7 @@ def check(config) -> None:
     else:
         if not config.id:
             fail("id", "every reader needs an id, unique in its cluster")
+        _check_id(config.id, fail)
         endpoints = {
             "leader_publish": config.leader_publish,
             "leader_control": config.leader_control,
@@ -175,29 +203,51 @@ def check(config) -> None:
         seen[(host, port)] = key
 
 
+def _check_id(node_id: str, fail) -> None:
+    # The id travels in every hello (at most MAX_ID_BYTES there) and is a reader's ZeroMQ
+    # identity; it is also a column of walrep status, a value in key=value logs and a
+    # metrics label, where control characters and spaces would break the line.
+    try:
+        size = len(node_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        fail("id", f"{node_id!r} is not valid UTF-8")
+    if not 1 <= size <= MAX_ID_BYTES:
+        fail("id", f"must be 1 to {MAX_ID_BYTES} bytes of UTF-8, got {size}")
+    if not node_id.isprintable() or any(c.isspace() for c in node_id):
+        fail("id", f"{node_id!r} must not contain spaces or control characters")
+
+
 def endpoint_address(endpoint: str, key: str, where: str) -> tuple[str, int]:
+    bad = ConfigError(
+        f"{where}: key {key!r}: {endpoint!r} is not a ZeroMQ tcp endpoint like tcp://127.0.0.1:7101"
+    )
     parts = urlsplit(endpoint)
-    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-        raise ConfigError(
-            f"{where}: key {key!r}: {endpoint!r} is not a ZeroMQ tcp endpoint like "
-            "tcp://127.0.0.1:7101"
-        )
-    return parts.hostname, parts.port
+    try:
+        port = parts.port
+    except ValueError:  # a port outside 0..65535, or not a number
+        raise bad from None
+    if parts.scheme != "tcp" or not parts.hostname or port is None:
+        raise bad
+    return parts.hostname, port
 
 
 def parse_ack(text: str) -> int | None:
-    """Ack level as a number of replicas: none -> None, local -> 0, replicas=N -> N."""
+    """Ack level as a number of replicas: none -> None, local -> 0, replicas=N -> N.
+
+    ValueError, saying what is wrong, for anything else.
+    """
     if text == "none":
         return None
     if text == "local":
         return 0
     if text.startswith("replicas="):
-        try:
-            n = int(text.removeprefix("replicas="))
-        except ValueError:
-            n = -1
-        if n >= 1:
-            return n
+        match = _REPLICAS.fullmatch(text)
+        if match is None or int(match.group(1)) < 1:
+            raise ValueError(
+                f"ack level {text!r}: N in replicas=N must be a whole number of readers "
+                "from 1 (for 0, use local)"
+            )
+        return int(match.group(1))
     raise ValueError(f"ack level {text!r} is not one of {ACK_LEVELS_HELP}")
 
 

@@ -129,11 +129,11 @@ def test_non_loopback_without_keys_is_refused_unless_insecure(tmp_path):
         "tcp://127.0.0.1:1",
     ]
     refused = walrep(*args, timeout=30)
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert "'ingest'" in refused.stderr and "not a loopback address" in refused.stderr
     assert "insecure = true" in refused.stderr
     check = walrep("check-config", "--role", "leader", str(_toml(tmp_path, port)))
-    assert check.returncode == 1 and "not a loopback address" in check.stderr
+    assert check.returncode == 2 and "not a loopback address" in check.stderr
     proc = subprocess.Popen(
         walrep_command(*args, "--insecure"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -173,7 +173,7 @@ def test_key_files_readable_by_others_are_refused(tmp_path, keys):
         str(keys / "clients"),
         timeout=30,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "readable by group or others" in result.stderr and "chmod 600" in result.stderr
     os.chmod(keys / "client.key", 0o640)
     append = walrep("append", "--ingest", "tcp://127.0.0.1:1", *client_keys(keys), '{"m": 1}')
