@@ -48,6 +48,11 @@ DEDUP_REQUESTS = 200_000
 HOUSEKEEPING_INTERVAL_S = 1.0
 # A fetch whose reader grants no credit for this long is abandoned.
 FETCH_IDLE_S = 30.0
+# Replies the ingest socket queues for one client before it refuses more (ZMQ's
+# ROUTER would otherwise drop them silently at its default of 1000): what a client
+# may have in flight. A reply is ~40 bytes, so a client that never reads costs at
+# most a few MB. One that still overflows it is counted and logged, never silent.
+INGEST_REPLY_HWM = 100_000
 
 
 @dataclass
@@ -101,19 +106,30 @@ class Leader:
         )
         self.protocol.restore(meta.get("readers", {}), time.monotonic(), time.time())
         self.history = protocol.CommitHistory(head, time.monotonic())
-        self.peer_addresses: dict[bytes, str] = {}
         self.refused_entries = 0  # too large, or busy: refused with no sequence
+        self.replies_dropped = 0  # replies a client's full queue could not take
+        self.replies_undeliverable = 0  # replies to clients that had gone
+        # seq -> (segment path, its first sequence, offset of seq + 1 in it)
+        self._offsets: dict[int, tuple[str, int, int]] = {}
         # Built in the trio thread (housekeeping) and read by the metrics thread.
         self.metrics_snapshot: dict = {}
         self.metrics = NodeMetrics("leader", self.writer, lambda: self.metrics_snapshot)
         self.gatekeeper = None
         if config.key:
+            readers = security.load_allow_list(config.allow_readers)
             self.gatekeeper = security.Gatekeeper(
                 {
-                    security.DOMAIN_READERS: security.load_allow_list(config.allow_readers),
+                    security.DOMAIN_READERS: readers,
+                    security.DOMAIN_PUBLISH: readers,
                     security.DOMAIN_CLIENTS: security.load_allow_list(config.allow_clients),
                 }
             )
+        self.subscriber_fds: set[int] = set()  # the publish socket's connections
+        self.subscriber_events = None  # their accept/disconnect events (serve() opens it)
+        self.subscribers_refused = 0
+        # Refused connections whose disconnect has not been seen: a burst of handshakes
+        # all see each other's accepts before any refusal closes one.
+        self.refusals_pending = 0
         self.saved_positions = self.protocol.positions(time.monotonic(), time.time())
 
     # --- running ---------------------------------------------------------------------
@@ -140,28 +156,54 @@ class Leader:
             self.writer.set_durable_hook(lambda seq: from_thread(durable_in, seq))
         ctx = zmqtrio.new_context()
         readers_opts, clients_opts = self._curve_options()
+        # ZMQ_MAXMSGSIZE on every socket: a frame declared larger than what the socket
+        # can take is dropped by libzmq with its connection, before any of it is buffered.
         self.pub = zmqtrio.make_socket(
-            ctx, zmqtrio.PUB, hwm=self.config.publish_hwm, options=readers_opts
+            ctx,
+            zmqtrio.PUB,
+            hwm=self.config.publish_hwm,
+            options={
+                zmqtrio.MAXMSGSIZE: wire.MAX_SUBSCRIPTION_BYTES,
+                **readers_opts,
+                # Every subscriber passes the ZAP handler, keys or not: it caps how many
+                # there are (each can hold publish_hwm messages of the leader's memory).
+                zmqtrio.ZAP_DOMAIN: security.DOMAIN_PUBLISH,
+            },
+        )
+        self.subscriber_events = subscriber_events = zmqtrio.open_monitor(
+            self.pub, zmqtrio.EVENT_ACCEPTED | zmqtrio.EVENT_DISCONNECTED
         )
         self.control = zmqtrio.make_socket(
-            ctx, zmqtrio.ROUTER, options={zmqtrio.ROUTER_MANDATORY: 0, **readers_opts}
+            ctx,
+            zmqtrio.ROUTER,
+            options={
+                zmqtrio.ROUTER_MANDATORY: 0,
+                zmqtrio.MAXMSGSIZE: wire.MAX_CONTROL_MESSAGE_BYTES,
+                **readers_opts,
+            },
         )
-        self.ingest = zmqtrio.make_socket(ctx, zmqtrio.ROUTER, options=clients_opts)
+        self.ingest = zmqtrio.make_socket(
+            ctx,
+            zmqtrio.ROUTER,
+            options={
+                # A reply that cannot be queued raises instead of vanishing (_reply).
+                zmqtrio.ROUTER_MANDATORY: 1,
+                zmqtrio.SNDHWM: INGEST_REPLY_HWM,
+                zmqtrio.MAXMSGSIZE: wire.MAX_MESSAGE_BYTES,
+                **clients_opts,
+            },
+        )
         self.control_send_lock = trio.Lock()
-        self.ingest_send_lock = trio.Lock()
-        zap = None
         try:
-            if self.gatekeeper is not None:
-                # The ZAP handler must listen before any CURVE socket takes a connection.
-                zap = zmqtrio.make_socket(ctx, zmqtrio.REP)
-                zap.bind(security.ZAP_ENDPOINT)
+            # The ZAP handler must listen before any socket takes a connection.
+            zap = zmqtrio.make_socket(ctx, zmqtrio.REP)
+            zap.bind(security.ZAP_ENDPOINT)
             self.endpoints["publish"] = self.pub.bind(self.config.publish)
             self.endpoints["control"] = self.control.bind(self.config.control)
             self.endpoints["ingest"] = self.ingest.bind(self.config.ingest)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                if zap is not None:
-                    nursery.start_soon(self._zap_loop, zap)
+                nursery.start_soon(self._zap_loop, zap, subscriber_events)
                 if self.writer.background:
                     nursery.start_soon(self._publish_loop, commits_out)
                 if durable_out is not None:
@@ -199,9 +241,8 @@ class Leader:
                 await self._save_positions()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.writer.close)
-            for sock in (self.pub, self.control, self.ingest, zap):
-                if sock is not None:
-                    sock.close()
+            for sock in (subscriber_events, self.pub, self.control, self.ingest, zap):
+                sock.close()
             self.metrics.close()
             ctx.term()
             event(log, "leader-stopped", head=self.writer.committed_sequence())
@@ -218,14 +259,55 @@ class Leader:
             security.server_options(secret, security.DOMAIN_CLIENTS),
         )
 
-    async def _zap_loop(self, zap) -> None:
-        """Answer libzmq's authentication requests: only allow-listed keys get in."""
+    async def _zap_loop(self, zap, subscriber_events) -> None:
+        """Answer libzmq's authentication requests: only allow-listed keys get in, and no
+        more than max_subscribers subscribers at once."""
         while True:
             request = await zap.recv_multipart()
-            reply, name, refusal = self.gatekeeper.decide(request)
+            request_id, domain, address = security.zap_request_fields(request)
+            if domain == security.DOMAIN_PUBLISH:
+                # The newcomer's accept event is already queued: count it in.
+                self._take_subscriber_events(subscriber_events)
+                if len(self.subscriber_fds) - self.refusals_pending > self.config.max_subscribers:
+                    self.subscribers_refused += 1
+                    self.refusals_pending += 1
+                    event(
+                        log,
+                        "subscriber-refused",
+                        logging.WARNING,
+                        peer=address,
+                        subscribers=len(self.subscriber_fds) - self.refusals_pending,
+                        max_subscribers=self.config.max_subscribers,
+                    )
+                    await zap.send_multipart(security.zap_reply(request_id, False))
+                    continue
+                if self.gatekeeper is None:
+                    await zap.send_multipart(security.zap_reply(request_id, True))
+                    continue
+            reply, _name, refusal = self.gatekeeper.decide(request)
             if refusal is not None:
                 event(log, "connection-refused", logging.WARNING, peer=refusal)
             await zap.send_multipart(reply)
+
+    def _subscriber_count(self) -> int:
+        if self.subscriber_events is not None and not self.subscriber_events.closed:
+            self._take_subscriber_events(self.subscriber_events)
+        return max(0, len(self.subscriber_fds) - self.refusals_pending)
+
+    def _take_subscriber_events(self, events) -> None:
+        """Keep subscriber_fds to the publish socket's open connections."""
+        while True:
+            try:
+                kind, fd = zmqtrio.parse_monitor_event(events.recv_multipart_nowait())
+            except zmqtrio.WouldBlock:
+                return
+            if kind == zmqtrio.EVENT_ACCEPTED:
+                self.subscriber_fds.add(fd)
+            elif kind == zmqtrio.EVENT_DISCONNECTED:
+                self.subscriber_fds.discard(fd)
+                # Which connection closed is not known, only its fd: count it against
+                # the refused ones first, which can only refuse more, never fewer.
+                self.refusals_pending = max(0, self.refusals_pending - 1)
 
     # --- publishing ------------------------------------------------------------------
 
@@ -364,26 +446,26 @@ class Leader:
 
     async def _control_loop(self) -> None:
         while True:
-            acked = await self._on_control(*await self.control.recv_multipart_with_peer())
+            acked = await self._on_control(*await self.control.recv_multipart_with_sender())
             # Take what already arrived without a scheduler pass per message (acks from
             # every reader for every commit), and settle the waiters once for them all.
             for _ in range(zmqtrio.DRAIN_MAX_MESSAGES):
                 try:
-                    received = self.control.recv_multipart_with_peer_nowait()
+                    received = self.control.recv_multipart_with_sender_nowait()
                 except zmqtrio.WouldBlock:
                     break
                 acked = await self._on_control(*received) or acked
             if acked:
                 await self._resolve_waiters()
 
-    async def _on_control(self, frames: list[bytes], address: str) -> bool:
+    async def _on_control(self, frames: list[bytes], sender: zmqtrio.Sender) -> bool:
         """Handle one control message; True if it moved a reader's position (waiters may
         be ready)."""
+        address = sender.address
         if len(frames) != 2:
             self._reject(address, "control", "expected [identity, message]")
             return False
         peer, data = frames
-        self.peer_addresses[peer] = address
         try:
             message = wire.decode(data)
         except wire.BadMessage as exc:
@@ -402,7 +484,15 @@ class Leader:
         if isinstance(message, wire.DigestRequest):
             self.nursery.start_soon(self._answer_digest, peer, message)
             return False
-        actions = self.protocol.on_control(peer, message, time.monotonic())
+        key_name = None
+        if isinstance(message, wire.Hello):
+            # Only a hello binds a session: read who it is now (see zmqtrio.Sender).
+            address = sender.host_port()
+            if self.gatekeeper is not None:
+                key_name = sender.key_name()
+        actions = self.protocol.on_control(
+            peer, message, time.monotonic(), key_name=key_name, address=address
+        )
         await self._run_actions(actions)
         if isinstance(message, wire.Fetch) and not actions:
             self.nursery.start_soon(self._serve_fetch, peer, message)
@@ -434,9 +524,33 @@ class Leader:
             }
         ]
         for info in sorted(self.protocol.readers.values(), key=lambda r: r.reader_id):
-            lag_bytes, lag_seconds = self.history.lag(info.durable_seq, now)
             silent_for = now - info.last_contact
             connected = bool(info.peer) and silent_for < protocol.READER_SILENT_S
+            if not info.heard:
+                # Saved before a restart of this leader: it still holds retention, but it
+                # is not where the reader is now. Unknown until the reader speaks.
+                nodes.append(
+                    {
+                        "id": info.reader_id,
+                        "role": "reader",
+                        "state": "unknown",
+                        "address": "unknown",
+                        "connected": False,
+                        "applied_seq": None,
+                        "durable_seq": None,
+                        "saved_durable_seq": info.durable_seq,
+                        "lag_entries": None,
+                        "lag_bytes": None,
+                        "lag_seconds": None,
+                        "last_contact_s_ago": round(silent_for, 3),
+                        "time_until_too_old_s": None,
+                    }
+                )
+                continue
+            lag_bytes, lag_seconds = self.history.lag(info.durable_seq, now)
+            if not self.history.covers(info.durable_seq):
+                # Behind what this leader saw committed: count the bytes on disk.
+                lag_bytes = self._bytes_after(info.durable_seq)
             if info.durable_seq + 1 < earliest:
                 state = "too-old"
             elif not connected:
@@ -448,7 +562,7 @@ class Leader:
                     "id": info.reader_id,
                     "role": "reader",
                     "state": state,
-                    "address": self.peer_addresses.get(info.peer, "unknown"),
+                    "address": info.address,
                     "connected": connected,
                     "applied_seq": info.applied_seq,
                     "durable_seq": info.durable_seq,
@@ -478,6 +592,13 @@ class Leader:
                 "busy_refusals": self.busy_refusals,
                 "duplicate_requests": self.duplicate_requests,
                 "rejected_messages": self.rejected_messages,
+                "subscribers": self._subscriber_count(),
+                "max_subscribers": self.config.max_subscribers,
+                "subscribers_refused": self.subscribers_refused,
+                "refused_acks": self.protocol.refused_acks,
+                "refused_hellos": self.protocol.refused_hellos,
+                "replies_dropped": self.replies_dropped,
+                "replies_undeliverable": self.replies_undeliverable,
                 "rejected_connections": self.gatekeeper.rejected if self.gatekeeper else 0,
                 "encrypted": self.gatekeeper is not None,
                 "max_retained_bytes": self.config.max_retained_bytes,
@@ -511,6 +632,22 @@ class Leader:
                     "counter",
                     "Malformed or unexpected messages from peers",
                     self.rejected_messages,
+                ),
+                "walrep_refused_acks_total": (
+                    "counter",
+                    "Acks refused: not from the session that hand-shook as that reader, "
+                    "for another log, or past the head",
+                    self.protocol.refused_acks,
+                ),
+                "walrep_refused_hellos_total": (
+                    "counter",
+                    "Hellos refused for a reader id bound to another reader's log or key",
+                    self.protocol.refused_hellos,
+                ),
+                "walrep_replies_dropped_total": (
+                    "counter",
+                    "Append replies a client's full queue could not take",
+                    self.replies_dropped,
                 ),
                 "walrep_rejected_connections_total": (
                     "counter",
@@ -547,6 +684,24 @@ class Leader:
             },
         }
 
+    def _bytes_after(self, seq: int) -> int:
+        """Bytes of the log after seq, from the segment files (entry offsets cached: a
+        reader far behind is asked about once a second, by the metrics)."""
+        found = self._offsets.get(seq)
+        if found is None or not os.path.exists(found[0]):
+            located = node.WALReader(self.config.wal_dir).offset_of(seq + 1)
+            if located is None:
+                return 0 if seq >= self.protocol.head else _retained(self.writer)
+            if len(self._offsets) >= 64:
+                self._offsets.clear()
+            found = self._offsets[seq] = (located[0].path, located[0].first_seq, located[1])
+        path, first_seq, offset = found
+        total = max(0, _size(path) - offset)
+        for segment in self.writer.segments():
+            if segment.first_seq > first_seq:
+                total += max(0, _size(segment.path) - fmt.FILE_HEADER_BYTES)
+        return total
+
     def _time_until_too_old(
         self, lag_bytes: int, lag_seconds: float, bytes_rate: float, state: str
     ) -> float | None:
@@ -572,7 +727,8 @@ class Leader:
             if isinstance(action, protocol.Send):
                 await self._send_control(action.peer, action.message)
             elif isinstance(action, protocol.Note):
-                event(log, action.event, **action.fields)
+                level = logging.WARNING if action.event.startswith("refused") else logging.INFO
+                event(log, action.event, level, **action.fields)
 
     async def _send_control(self, peer: bytes, message: wire.Message) -> None:
         await zmqtrio.send_in_turn(
@@ -660,14 +816,31 @@ class Leader:
             self._reject(address, "ingest", "expected [identity, message]")
             return
         peer, data = frames
+        message = None
         try:
             message = wire.decode(data)
             if not isinstance(message, wire.Append):
                 raise wire.BadMessage(f"{message.KIND} is not an ingest request")
             replicas = parse_ack(message.ack or self.default_ack)
         except (wire.BadMessage, ValueError) as exc:
+            # The request id, whenever there is one: the client is told at once.
+            request_id = getattr(message, "request_id", None)
+            if request_id is None:
+                request_id = wire.request_id_of(data)
             self._reject(address, "ingest", str(exc))
-            await self._reply(peer, wire.Refused("bad-request", str(exc)))
+            await self._reply(peer, wire.Refused("bad-request", str(exc), request_id=request_id))
+            return
+        if replicas and replicas > len(self.protocol.readers):
+            # It could only time out. Known readers count even while down (their acks
+            # may still come); `walrep forget-reader` removes one for good.
+            self.refused_entries += len(message.payloads)
+            refusal = wire.Refused(
+                "not-enough-readers",
+                f"replicas={replicas} asked, but this leader knows {len(self.protocol.readers)} "
+                "reader(s); nothing was written",
+                request_id=message.request_id,
+            )
+            await self._reply(peer, refusal)
             return
         await self._append(peer, message, replicas)
 
@@ -774,7 +947,24 @@ class Leader:
         self.waiters = [w for w in self.waiters if w.since >= cutoff]
 
     async def _reply(self, peer: bytes, message: wire.Message) -> None:
-        await zmqtrio.send_in_turn(self.ingest, self.ingest_send_lock, [peer, wire.encode(message)])
+        # Never waits: the ingest loop must not stall on one client. The socket queues
+        # up to INGEST_REPLY_HWM replies per client, and says so past that (or when
+        # the client is gone) instead of dropping the reply silently.
+        try:
+            self.ingest.send_multipart_nowait([peer, wire.encode(message)])
+        except zmqtrio.WouldBlock:
+            self.replies_dropped += 1
+            event(
+                log,
+                "reply-dropped",
+                logging.WARNING,
+                client=peer.hex(),
+                queued=INGEST_REPLY_HWM,
+                request_id=getattr(message, "request_id", None),
+                reason="the client is not reading its replies",
+            )
+        except zmqtrio.ZMQError:
+            self.replies_undeliverable += 1  # EHOSTUNREACH: the client went away
 
 
 def _size(path: str) -> int:
@@ -782,6 +972,10 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+def _retained(writer: node.Writer) -> int:
+    return sum(max(0, _size(s.path) - fmt.FILE_HEADER_BYTES) for s in writer.segments())
 
 
 def _mtime(path: str) -> float:

@@ -110,6 +110,12 @@ def run_load(args) -> int:
         cleanup.callback(sock.close, linger=0)
         wake_fd = _wake_on_signals(cleanup, interrupted)
         sock.setsockopt(zmq.LINGER, 0)
+        # Room for every request in flight, both ways: at the default of 1000 a send
+        # found the queue full while 2000 were in flight and that request was lost
+        # until its timeout (reported unknown although the leader was healthy).
+        queue = max(1000, 2 * args.inflight)
+        sock.setsockopt(zmq.SNDHWM, queue)
+        sock.setsockopt(zmq.RCVHWM, queue)
         for option, value in (args.keys.options() if args.keys else {}).items():
             sock.setsockopt(option, value)
         sock.connect(args.ingest)

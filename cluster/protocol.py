@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,9 @@ class ReaderState(enum.StrEnum):
     CATCHING_UP = "catching-up"
     DISCONNECTED = "disconnected"  # the leader went silent
     FAILED = "failed"
+    # Anti-entropy found this log differs from the leader's: stopped like FAILED
+    # (nothing applied, fetched or acked), but the process stays up to say so.
+    DIVERGED = "diverged"
 
 
 # --- actions -------------------------------------------------------------------------
@@ -109,8 +113,16 @@ class _Fetch:
 class ReaderProtocol:
     """One reader's view of replication. See the module docstring."""
 
-    def __init__(self, reader_id: str, log_id: str | None, last_seq: int, durable_seq: int):
+    def __init__(
+        self,
+        reader_id: str,
+        log_id: str | None,
+        last_seq: int,
+        durable_seq: int,
+        credential: str | None = None,
+    ):
         self.reader_id = reader_id
+        self.credential = credential  # proves to the leader that we hold this reader's log
         self.log_id = log_id
         self.applied = last_seq
         self.durable = durable_seq
@@ -141,7 +153,12 @@ class ReaderProtocol:
         """The next hello to send (numbered: call it once per hello sent)."""
         self._hellos_sent += 1
         return wire.Hello(
-            self.reader_id, self.log_id, self.applied, self.durable, hello_id=self._hellos_sent
+            self.reader_id,
+            self.log_id,
+            self.applied,
+            self.durable,
+            hello_id=self._hellos_sent,
+            credential=self.credential,
         )
 
     def _begin_handshake(self, state: ReaderState) -> None:
@@ -151,8 +168,29 @@ class ReaderProtocol:
     def needs_handshake(self) -> bool:
         return self.state in (ReaderState.CONNECTING, ReaderState.DISCONNECTED)
 
+    # The first sequence where this log differs from the leader's (set by diverge()).
+    diverged_at: int | None = None
+
+    def stopped(self) -> bool:
+        """FAILED or DIVERGED: nothing more is applied, fetched, hand-shaken or acked."""
+        return self.state in (ReaderState.FAILED, ReaderState.DIVERGED)
+
+    def diverge(self, seq: int) -> list[Action]:
+        """The shell's anti-entropy found this log differs from the leader's at seq.
+
+        Stop applying and acking: an ack would count entries appended on top of a
+        history that is not the leader's toward replicas=N. Only a resync repairs it.
+        """
+        if self.state is not ReaderState.FAILED:
+            self.state = ReaderState.DIVERGED
+            self.diverged_at = seq
+            self.fetch = None
+            self._pending.clear()
+            self._pending_bytes = 0
+        return []
+
     def on_control(self, message: wire.Message, now: float) -> list[Action]:
-        if self.state is ReaderState.FAILED:
+        if self.stopped():
             return []
         if isinstance(message, wire.Welcome):
             return self._on_welcome(message, now)
@@ -221,6 +259,14 @@ class ReaderProtocol:
                 return self._fail_too_old(refused.earliest_seq or 0)
             self.fetch = None
             return [Note("fetch-refused", {"code": refused.code, "reason": refused.message})]
+        if refused.code == "unknown-session":
+            # The leader does not know this connection as us (it restarted, forgot us,
+            # or our session was replaced): hand-shake again rather than stop.
+            if self.needs_handshake():
+                return []
+            self._begin_handshake(ReaderState.CONNECTING)
+            self.fetch = None
+            return [Note("unknown-session", {"reason": refused.message}), Send(self.hello())]
         if refused.code == "log-mismatch":
             return self._fail_log_mismatch(None, refused.message)
         return self._fail(refused.code, f"the leader refused: {refused.message}")
@@ -252,7 +298,7 @@ class ReaderProtocol:
     # --- the live stream ---------------------------------------------------------
 
     def on_publish(self, message: wire.Message, now: float) -> list[Action]:
-        if self.state is ReaderState.FAILED:
+        if self.stopped():
             return []
         if isinstance(message, wire.Heartbeat):
             return self._on_heartbeat(message, now)
@@ -339,7 +385,7 @@ class ReaderProtocol:
         return self.leader_head
 
     def _maybe_fetch(self, now: float) -> list[Action]:
-        if self.fetch is not None or self.state is ReaderState.FAILED:
+        if self.fetch is not None or self.stopped():
             self._update_state()
             return []
         end = self._gap_end()
@@ -385,7 +431,7 @@ class ReaderProtocol:
     # --- time and durability -----------------------------------------------------
 
     def on_tick(self, now: float) -> list[Action]:
-        if self.state is ReaderState.FAILED:
+        if self.stopped():
             return []
         actions: list[Action] = []
         if (
@@ -407,7 +453,7 @@ class ReaderProtocol:
     def on_durable(self, durable_seq: int, now: float) -> list[Action]:
         """The local WAL made durable_seq durable: tell the leader (not too often)."""
         self.durable = max(self.durable, durable_seq)
-        if self.needs_handshake() or self.state is ReaderState.FAILED:
+        if self.needs_handshake() or self.stopped():
             return []
         since = now - self._last_ack_at
         if self.durable == self._acked and since < ACK_KEEPALIVE_S:
@@ -416,7 +462,10 @@ class ReaderProtocol:
             return []
         self._acked = self.durable
         self._last_ack_at = now
-        return [Send(wire.Ack(self.reader_id, self.applied, self.durable, self.state.value))]
+        ack = wire.Ack(
+            self.reader_id, self.applied, self.durable, self.state.value, log_id=self.log_id
+        )
+        return [Send(ack)]
 
 
 def _frames_hold(frames: bytes, count: int) -> bool:
@@ -433,12 +482,20 @@ def _frames_hold(frames: bytes, count: int) -> bool:
 @dataclass
 class ReaderInfo:
     reader_id: str
-    peer: bytes
+    peer: bytes  # the routing id of the session that hand-shook as this reader (b"": none)
     applied_seq: int
     durable_seq: int
     last_contact: float
     connected_at: float
     state: str = "unknown"  # as the reader last reported it
+    # What binds this id to one reader: a digest of the credential in its wal.meta, and
+    # under CURVE the name of its key. Set by the first hello, kept across restarts.
+    credential_sha256: str | None = None
+    key_name: str | None = None
+    # False for positions restored from wal.meta: they still hold retention, but status
+    # shows them as unknown until the reader speaks to this leader.
+    heard: bool = True
+    address: str = "unknown"  # host:port of the session, for status and logs
 
 
 class LeaderProtocol:
@@ -450,6 +507,8 @@ class LeaderProtocol:
         self.head = head_seq
         self.earliest = earliest_seq
         self.readers: dict[str, ReaderInfo] = {}
+        self.refused_acks = 0  # acks from no session, another session, or past the head
+        self.refused_hellos = 0  # hellos for a reader id bound to another reader
 
     def on_commit(self, last_seq: int) -> None:
         self.head = max(self.head, last_seq)
@@ -460,19 +519,22 @@ class LeaderProtocol:
     def heartbeat(self, now_us: int) -> wire.Heartbeat:
         return wire.Heartbeat(self.log_id, self.boot_id, self.head, self.earliest, now_us)
 
-    def on_control(self, peer: bytes, message: wire.Message, now: float) -> list[Action]:
+    def on_control(
+        self,
+        peer: bytes,
+        message: wire.Message,
+        now: float,
+        *,
+        key_name: str | None = None,
+        address: str = "unknown",
+    ) -> list[Action]:
+        """One control message from the session `peer` (its routing id, never chosen by the
+        peer); key_name is its CURVE key's name (None without CURVE), address its host:port.
+        """
         if isinstance(message, wire.Hello):
-            return self._on_hello(peer, message, now)
+            return self._on_hello(peer, message, now, key_name, address)
         if isinstance(message, wire.Ack):
-            info = self.readers.get(message.reader_id)
-            if info is not None:
-                info.applied_seq = max(info.applied_seq, message.applied_seq)
-                info.durable_seq = max(info.durable_seq, message.durable_seq)
-                info.last_contact = now
-                info.peer = peer
-                if message.state is not None:
-                    info.state = message.state
-            return []
+            return self._on_ack(peer, message, now, address)
         if isinstance(message, wire.StatusRequest):
             return [Send(wire.StatusReply(self.status(now)), peer)]
         if isinstance(message, wire.ForgetReader):
@@ -485,7 +547,49 @@ class LeaderProtocol:
             return self.check_fetch(peer, message)
         return [Send(wire.Refused("bad-request", f"{message.KIND} is not a control request"), peer)]
 
-    def _on_hello(self, peer: bytes, hello: wire.Hello, now: float) -> list[Action]:
+    def _on_ack(self, peer: bytes, ack: wire.Ack, now: float, address: str) -> list[Action]:
+        """Move a reader's position, but only on an ack it earned.
+
+        A position counts toward replicas=N and lets retention purge: taking one from
+        anyone who names a reader would let a single forged message acknowledge (and
+        purge) entries that no reader holds.
+        """
+        info = self.readers.get(ack.reader_id)
+        if info is None or info.peer != peer:
+            # No session, or another one (a stray, or this reader before a re-handshake).
+            why = "unknown-session"
+            detail = (
+                f"no session hand-shook as reader {ack.reader_id} on this connection; "
+                "send a hello first"
+            )
+        elif ack.log_id is not None and ack.log_id != self.log_id:
+            why, detail = "log-mismatch", f"ack for log {ack.log_id}; this log is {self.log_id}"
+        elif ack.durable_seq > self.head or ack.applied_seq > self.head:
+            why = "ack-past-head"
+            detail = (
+                f"ack of {ack.applied_seq}/{ack.durable_seq} is past this leader's head "
+                f"{self.head}: nothing past it was ever sent"
+            )
+        else:
+            info.applied_seq = max(info.applied_seq, ack.applied_seq)
+            info.durable_seq = max(info.durable_seq, min(ack.durable_seq, ack.applied_seq))
+            info.last_contact = now
+            info.heard = True
+            if ack.state is not None:
+                info.state = ack.state
+            return []
+        self.refused_acks += 1
+        return [
+            Note(
+                "refused-ack",
+                {"reader": ack.reader_id, "peer": address, "code": why, "reason": detail},
+            ),
+            Send(wire.Refused(why, detail), peer),
+        ]
+
+    def _on_hello(
+        self, peer: bytes, hello: wire.Hello, now: float, key_name: str | None, address: str
+    ) -> list[Action]:
         if hello.log_id is not None and hello.log_id != self.log_id:
             return [
                 Note("refused-reader", {"reader": hello.reader_id, "code": "log-mismatch"}),
@@ -498,7 +602,6 @@ class LeaderProtocol:
                     peer,
                 ),
             ]
-        # A reader ahead of us is told so by the welcome (it compares head_seq).
         info = self.readers.get(hello.reader_id)
         if info is None and len(self.readers) >= MAX_READERS:
             return [
@@ -512,21 +615,76 @@ class LeaderProtocol:
                     peer,
                 ),
             ]
+        credential = _digest_credential(hello.credential)
+        if info is not None:
+            refusal = self._check_binding(info, credential, key_name)
+            if refusal is not None:
+                self.refused_hellos += 1
+                return [
+                    Note(
+                        "refused-reader",
+                        {"reader": hello.reader_id, "code": "reader-id-taken", "peer": address},
+                    ),
+                    Send(wire.Refused("reader-id-taken", refusal), peer),
+                ]
+        welcome = wire.Welcome(
+            self.log_id, self.boot_id, self.head, self.earliest, hello_id=hello.hello_id
+        )
+        if hello.last_seq > self.head or hello.durable_seq > hello.last_seq:
+            # The welcome tells the reader it is ahead (it stops itself); its claimed
+            # position is not taken: nothing past the head was ever sent.
+            return [
+                Note(
+                    "reader-ahead",
+                    {"reader": hello.reader_id, "last_seq": hello.last_seq, "head": self.head},
+                ),
+                Send(welcome, peer),
+            ]
+        actions: list[Action] = []
         if info is None:
             info = ReaderInfo(hello.reader_id, peer, hello.last_seq, hello.durable_seq, now, now)
             self.readers[hello.reader_id] = info
+        elif info.peer and info.peer != peer and now - info.last_contact < READER_SILENT_S:
+            # Only a session that proved it holds this reader's log (and key) gets here.
+            actions.append(
+                Note(
+                    "reader-session-replaced",
+                    {"reader": hello.reader_id, "old": info.address, "new": address},
+                )
+            )
+        info.credential_sha256 = info.credential_sha256 or credential
+        info.key_name = info.key_name or key_name
         info.peer = peer
+        info.address = address
         info.applied_seq = hello.last_seq
         info.durable_seq = hello.durable_seq
         info.last_contact = now
         info.connected_at = now
-        welcome = wire.Welcome(
-            self.log_id, self.boot_id, self.head, self.earliest, hello_id=hello.hello_id
+        info.heard = True
+        actions.append(
+            Note("reader-hello", {"reader": hello.reader_id, "last_seq": hello.last_seq})
         )
-        return [
-            Note("reader-hello", {"reader": hello.reader_id, "last_seq": hello.last_seq}),
-            Send(welcome, peer),
-        ]
+        actions.append(Send(welcome, peer))
+        return actions
+
+    @staticmethod
+    def _check_binding(
+        info: ReaderInfo, credential: str | None, key_name: str | None
+    ) -> str | None:
+        """Why this hello may not speak for info's reader, or None if it may."""
+        if info.key_name is not None and key_name != info.key_name:
+            return (
+                f"reader id {info.reader_id} is bound to the key {info.key_name!r}; this "
+                f"connection uses {key_name!r}"
+            )
+        if info.credential_sha256 is not None and credential != info.credential_sha256:
+            return (
+                f"reader id {info.reader_id} is held by another reader (its wal.meta credential "
+                "differs). Two readers share this id, or this reader's directory was replaced: "
+                f"give each reader its own id, or run `walrep forget-reader {info.reader_id}` "
+                "if the old one is gone for good"
+            )
+        return None
 
     def check_fetch(self, peer: bytes, fetch: wire.Fetch) -> list[Action]:
         """Refuse a fetch that cannot be served; else return nothing (the shell serves it)."""
@@ -562,16 +720,22 @@ class LeaderProtocol:
             return None
         return min(r.durable_seq for r in self.readers.values())
 
-    def positions(self, now: float, wall_now: float) -> dict[str, dict[str, float]]:
-        """Reader positions to persist, so a restarted leader keeps retaining for them."""
-        return {
-            r.reader_id: {
+    def positions(self, now: float, wall_now: float) -> dict[str, dict[str, Any]]:
+        """Reader positions to persist, so a restarted leader keeps retaining for them,
+        with what binds each id to its reader."""
+        saved: dict[str, dict[str, Any]] = {}
+        for r in self.readers.values():
+            position: dict[str, Any] = {
                 "applied_seq": r.applied_seq,
                 "durable_seq": r.durable_seq,
                 "last_contact_unix": round(wall_now - (now - r.last_contact), 3),
             }
-            for r in self.readers.values()
-        }
+            if r.credential_sha256 is not None:
+                position["credential_sha256"] = r.credential_sha256
+            if r.key_name is not None:
+                position["key_name"] = r.key_name
+            saved[r.reader_id] = position
+        return saved
 
     def restore(self, positions: dict[str, dict], now: float, wall_now: float) -> None:
         for reader_id, pos in positions.items():
@@ -585,6 +749,9 @@ class LeaderProtocol:
                 int(pos["durable_seq"]),
                 last_contact,
                 last_contact,
+                credential_sha256=pos.get("credential_sha256"),
+                key_name=pos.get("key_name"),
+                heard=False,
             )
 
     def status(self, now: float) -> dict[str, Any]:
@@ -596,14 +763,22 @@ class LeaderProtocol:
             "readers": [
                 {
                     "id": r.reader_id,
-                    "applied_seq": r.applied_seq,
-                    "durable_seq": r.durable_seq,
-                    "lag_entries": max(0, self.head - r.durable_seq),
+                    # Saved positions are not shown as current until the reader speaks.
+                    "applied_seq": r.applied_seq if r.heard else None,
+                    "durable_seq": r.durable_seq if r.heard else None,
+                    "lag_entries": max(0, self.head - r.durable_seq) if r.heard else None,
                     "last_contact_s_ago": round(now - r.last_contact, 3),
                 }
                 for r in sorted(self.readers.values(), key=lambda r: r.reader_id)
             ],
         }
+
+
+def _digest_credential(credential: str | None) -> str | None:
+    """What the leader keeps of a reader's credential: its digest, never the secret."""
+    if credential is None:
+        return None
+    return hashlib.sha256(credential.encode()).hexdigest()
 
 
 class FetchFlow:
@@ -669,6 +844,10 @@ class CommitHistory:
             else:
                 hi = mid
         return lo
+
+    def covers(self, position: int) -> bool:
+        """Do the samples reach back to position (so lag() knows its bytes exactly)?"""
+        return self._samples[0][0] <= position
 
     def lag(self, position: int, now: float) -> tuple[int, float]:
         """(bytes, seconds) by which position trails the head; seconds since the leader

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -27,16 +28,33 @@ from .config import ReaderConfig
 from .logs import event
 from .metrics import NodeMetrics
 from .progress import Progress
-from .verify import DirSource, VerifyError, compare, digest_reply
+from .verify import DirSource, RemoteSource, VerifyError, digest_reply, find_divergence
 from .walloop import make_room
 
 log = logging.getLogger("walrep.reader")
 
 TICK_S = 0.05
-ANTI_ENTROPY_ENTRIES = 10_000  # entries compared with the leader per background pass
-ANTI_ENTROPY_TIMEOUT_S = 10.0
+# Anti-entropy: every anti_entropy_interval_s the newest ANTI_ENTROPY_ENTRIES durable
+# entries are compared with the leader's first (a fresh divergence shows there, and
+# it is cheap), then the whole common log (see Reader._anti_entropy_loop).
+ANTI_ENTROPY_ENTRIES = 10_000
+ANTI_ENTROPY_TIMEOUT_S = 10.0  # for one digest from the leader
+# The older log is compared in ranges of at most this many entries, so one digest the
+# leader computes (about 1 s per million small entries) stays well inside the timeout.
+ANTI_ENTROPY_RANGE_ENTRIES = 1_000_000
+# Whole-log comparisons take at most this share of the time: a long log is read less
+# often than every interval instead of keeping the leader's disk busy for each reader.
+ANTI_ENTROPY_MAX_DUTY = 0.1
+DIVERGED_REMEDY = (
+    "this reader's log is not the leader's history from that sequence on; it stopped "
+    "applying and acking. Inspect both logs (walrep verify, walrep dump), then restart "
+    "the reader with --resync, which discards its log and fetches the leader's"
+)
 HANDSHAKE_WAIT_S = 1.0  # how long one hello waits for its welcome before the next try
 EXIT_REFUSED = 2
+# The wal.meta key of this reader's secret: it proves to the leader that a new session
+# for our id comes from the reader that holds this log (see LeaderProtocol._on_hello).
+CREDENTIAL_KEY = "reader_credential"
 
 
 class ReaderStopped(Exception):
@@ -68,11 +86,16 @@ class Reader:
         )
         _report_self_heal(self.writer)
         meta = load_meta(config.wal_dir)
+        credential = meta.get(CREDENTIAL_KEY)
+        if not isinstance(credential, str):
+            credential = secrets.token_hex(32)
+            update_meta(config.wal_dir, **{CREDENTIAL_KEY: credential})
         self.protocol = protocol.ReaderProtocol(
             config.id,
             meta.get("log_id"),
             self.writer.current_sequence(),
             self.writer.durable_sequence(),
+            credential=credential,
         )
         self.state_changed = trio.Event()
         self.signalled_state = self.protocol.state
@@ -94,10 +117,21 @@ class Reader:
         keys = security.load_client_keys(self.config.key or None, self.config.leader_key or None)
         curve = keys.options() if keys is not None else {}
         self.sub = zmqtrio.make_socket(
-            ctx, zmqtrio.SUB, options={zmqtrio.RCVHWM: self.config.receive_hwm, **curve}
+            ctx,
+            zmqtrio.SUB,
+            options={
+                zmqtrio.RCVHWM: self.config.receive_hwm,
+                zmqtrio.MAXMSGSIZE: wire.MAX_MESSAGE_BYTES,
+                **curve,
+            },
         )
+        # The DEALER keeps the routing id libzmq gives it: a reader id is something any
+        # peer can claim, so it must not name the connection (the leader binds the id to
+        # the connection that hand-shook, with the credential in our wal.meta).
         self.dealer = zmqtrio.make_socket(
-            ctx, zmqtrio.DEALER, options={zmqtrio.IDENTITY: self.config.id.encode(), **curve}
+            ctx,
+            zmqtrio.DEALER,
+            options={zmqtrio.MAXMSGSIZE: wire.MAX_MESSAGE_BYTES, **curve},
         )
         self.send_lock = trio.Lock()
         self.durable_moved = trio.Event()
@@ -125,7 +159,11 @@ class Reader:
                 if self.config.anti_entropy_interval_s > 0:
                     nursery.start_soon(self._anti_entropy_loop)
                 if self.config.control:
-                    self.control_socket = zmqtrio.make_socket(ctx, zmqtrio.ROUTER)
+                    self.control_socket = zmqtrio.make_socket(
+                        ctx,
+                        zmqtrio.ROUTER,
+                        options={zmqtrio.MAXMSGSIZE: wire.MAX_CONTROL_MESSAGE_BYTES},
+                    )
                     self.control_socket.bind(self.config.control)
                     await nursery.start(self._serve_control)
                 if self.config.metrics:
@@ -215,44 +253,92 @@ class Reader:
     # --- anti-entropy and the reader's own control endpoint -------------------------
 
     async def _anti_entropy_loop(self) -> None:
-        """Now and then compare a window of what we applied with the leader's digest.
+        """Every interval, compare this log with the leader's: the newest entries, then all.
 
-        Slow and bounded on purpose (one window of ANTI_ENTROPY_ENTRIES per interval):
-        it is a background check that the two histories agree, not a resync.
+        The newest ANTI_ENTROPY_ENTRIES durable entries first, then the whole common
+        log, oldest first, by range digests the leader computes from its own files
+        (verify.find_divergence: the bisection `walrep verify` uses, which descends
+        only into a range that differs, so a log that agrees costs a few digests). A
+        whole-log pass waits while it would take more than ANTI_ENTROPY_MAX_DUTY of
+        the time. A difference stops this reader (ReaderProtocol.diverge): it logs
+        DIVERGENCE with the first differing sequence, says so in its status and keeps
+        answering until it is resynced. An entry one side cannot read is damage,
+        logged once, and not a divergence.
         """
         leader = _LeaderDigests(self)
         local = DirSource(self.config.wal_dir)
-        cursor = None
+        passes = 0
+        whole_due = 0.0  # time.monotonic() from which the next whole-log pass may start
+        logged: set[tuple] = set()
         while True:
             await trio.sleep(self.config.anti_entropy_interval_s)
-            if self.protocol.needs_handshake():
+            if self.protocol.needs_handshake() or self.protocol.stopped():
                 continue
-            first, _ = await local.bounds()
+            segments = await trio.to_thread.run_sync(node.WALReader(self.config.wal_dir).segments)
             durable = self.writer.durable_sequence()
-            if first is None or durable < first:
-                continue
-            if cursor is None or cursor < first or cursor > durable:
-                cursor = first
-            end = min(durable, cursor + ANTI_ENTROPY_ENTRIES - 1)
             try:
-                report = await compare(local, leader, cursor, end)
+                leader_first, leader_last = await leader.bounds()
+                if not segments or leader_first is None:
+                    continue
+                lo = max(segments[0].first_seq, leader_first)
+                hi = min(durable, leader_last)
+                if lo > hi:
+                    continue
+                passes += 1
+                started = time.monotonic()
+                whole = started >= whole_due
+                found = await find_divergence(
+                    local,
+                    leader,
+                    lo,
+                    hi,
+                    newest_entries=ANTI_ENTROPY_ENTRIES,
+                    whole=whole,
+                    max_range=ANTI_ENTROPY_RANGE_ENTRIES,
+                )
             except VerifyError as exc:
                 event(log, "anti-entropy-skipped", logging.WARNING, reason=str(exc))
                 continue
-            self.anti_entropy_checked += end - cursor + 1
-            if report.first_difference is not None:
-                self.divergences += 1
+            if whole:
+                whole_due = started + (time.monotonic() - started) / ANTI_ENTROPY_MAX_DUTY
+            self.anti_entropy_checked += found.checked
+            for damage in found.damage:
+                ours = damage.side == local.name
+                key = (ours, damage.kind, damage.file, damage.offset, damage.sequence)
+                if key in logged:
+                    continue
+                logged.add(key)
                 event(
                     log,
-                    "DIVERGENCE",
-                    logging.ERROR,
-                    seq=report.first_difference,
-                    checked=f"{cursor}..{end}",
+                    "anti-entropy-damage",
+                    logging.ERROR if ours else logging.WARNING,
+                    side="this reader" if ours else "leader",
+                    seq=damage.sequence,
+                    problem=damage.kind,
+                    file=damage.file,
+                    offset=damage.offset,
+                    detail=damage.detail,
                     leader=self.config.leader_control,
-                    what="this reader's entry differs from the leader's: the logs are not the "
-                    "same history; stop using this reader and resync it (--resync)",
+                    what="restart this reader: it cuts its log before the damage and fetches "
+                    "the rest again"
+                    if ours
+                    else "the leader cannot read its copy; run walrep verify on its WAL directory",
                 )
-            cursor = end + 1
+            if found.first_difference is None:
+                continue
+            self.divergences += 1
+            await self._run(self.protocol.diverge(found.first_difference))
+            event(
+                log,
+                "DIVERGENCE",
+                logging.ERROR,
+                seq=found.first_difference,
+                leader=self.config.leader_control,
+                checked=f"{lo}..{hi}",
+                anti_entropy_pass=passes,
+                what=DIVERGED_REMEDY,
+            )
+            return
 
     async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Answer digest and status requests (walrep verify, walrep status) on `control`."""
@@ -284,6 +370,7 @@ class Reader:
     def status(self) -> dict:
         p = self.protocol
         durable = self.writer.durable_sequence()
+        diverged = p.state is protocol.ReaderState.DIVERGED
         return {
             "nodes": [
                 {
@@ -291,13 +378,16 @@ class Reader:
                     "role": "reader",
                     "state": p.state.value,
                     "address": self.config.control,
-                    "connected": not p.needs_handshake(),
+                    "connected": not p.needs_handshake() and not p.stopped(),
                     "applied_seq": p.applied,
                     "durable_seq": durable,
                     "lag_entries": max(0, p.leader_head - durable),
                     "leader": self.config.leader_control,
                     "divergences": self.divergences,
                     "anti_entropy_checked": self.anti_entropy_checked,
+                    # Set once anti-entropy found this log differs from the leader's.
+                    "diverged_seq": p.diverged_at if diverged else None,
+                    "remedy": DIVERGED_REMEDY if diverged else None,
                 }
             ]
         }
@@ -464,12 +554,16 @@ class Reader:
         await zmqtrio.send_in_turn(self.dealer, self.send_lock, [wire.encode(message)])
 
 
-class _LeaderDigests:
-    """The leader as a verify.LogSource, asked over the reader's own DEALER."""
+class _LeaderDigests(RemoteSource):
+    """The leader as a verify.LogSource, asked over the reader's own DEALER.
+
+    The leader computes each digest from its files in a worker thread; the requests
+    are the bisection's, a handful per pass while the logs agree.
+    """
 
     def __init__(self, reader: Reader):
+        super().__init__(reader.config.leader_control)
         self.reader = reader
-        self.name = reader.config.leader_control
         self._ids = itertools.count(1 << 40)  # apart from any other request ids
 
     async def _ask(self, from_seq: int, to_seq: int) -> wire.DigestReply:
@@ -483,13 +577,6 @@ class _LeaderDigests:
             raise VerifyError(f"no digest from {self.name} within {ANTI_ENTROPY_TIMEOUT_S} s")
         finally:
             del self.reader.digest_waiters[request_id]
-
-    async def bounds(self):
-        reply = await self._ask(1, 1)
-        return reply.first_seq, reply.last_seq
-
-    async def digest(self, from_seq: int, to_seq: int) -> str | None:
-        return (await self._ask(from_seq, to_seq)).digest
 
 
 def _report_self_heal(writer: node.Writer) -> None:
@@ -509,15 +596,29 @@ def _report_self_heal(writer: node.Writer) -> None:
 
 
 def _discard_log(wal_dir: str) -> None:
-    """--resync: remove the reader's log so it starts again from the leader's earliest."""
+    """--resync: remove the reader's log so it starts again from the leader's earliest.
+
+    Under the directory's lock (a running node on it is named, not wiped), and the lock
+    file stays. The credential stays too: it names this reader to the leader, not the
+    log it held.
+    """
     if not os.path.isdir(wal_dir):
         return
-    for name in os.listdir(wal_dir):
-        path = os.path.join(wal_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+    lock = node.lock_dir(wal_dir)
+    try:
+        credential = load_meta(wal_dir).get(CREDENTIAL_KEY)
+        for name in os.listdir(wal_dir):
+            if name == node.LOCK_FILE_NAME:
+                continue
+            path = os.path.join(wal_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        if isinstance(credential, str):
+            update_meta(wal_dir, **{CREDENTIAL_KEY: credential})
+    finally:
+        lock.release()
     event(log, "resync", wal_dir=wal_dir)
 
 

@@ -22,6 +22,9 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
 DOMAIN_READERS = b"readers"
 DOMAIN_CLIENTS = b"clients"
+# The publish socket's own domain (with or without keys): its connections are counted
+# and capped (max_subscribers), and under CURVE checked against the readers' list.
+DOMAIN_PUBLISH = b"publish"
 
 
 class KeyFileError(ValueError):
@@ -123,8 +126,21 @@ class Gatekeeper:
 
     @staticmethod
     def _reply(request_id: bytes, ok: bool, user: str = "") -> list[bytes]:
-        code, text = (b"200", b"OK") if ok else (b"400", b"not allowed")
-        return [ZAP_VERSION, request_id, code, text, user.encode(), b""]
+        return zap_reply(request_id, ok, user)
+
+
+def zap_reply(request_id: bytes, ok: bool, user: str = "") -> list[bytes]:
+    """The ZAP reply frames that accept or refuse one connection."""
+    code, text = (b"200", b"OK") if ok else (b"400", b"not allowed")
+    return [ZAP_VERSION, request_id, code, text, user.encode(), b""]
+
+
+def zap_request_fields(frames: list[bytes]) -> tuple[bytes, bytes, str]:
+    """(request id, domain, peer address) of a ZAP request, as far as it has them."""
+    request_id = frames[1] if len(frames) > 1 else b""
+    domain = frames[2] if len(frames) > 2 else b""
+    address = frames[3].decode(errors="replace") if len(frames) > 3 else "unknown"
+    return request_id, domain, address
 
 
 def is_loopback(endpoint: str) -> bool:

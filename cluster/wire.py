@@ -28,6 +28,13 @@ MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 TARGET_BATCH_BYTES = 256 * 1024
 MAX_BATCH_ENTRIES = 100_000
 MAX_ID_BYTES = 128
+# What a node's control endpoint takes in one message: hellos, acks, fetches, credit,
+# status and digest requests are all under 1 KiB. Set as ZMQ_MAXMSGSIZE on sockets
+# that only receive these, so a peer declaring a huge frame is cut off by libzmq
+# before it buffers anything.
+MAX_CONTROL_MESSAGE_BYTES = 64 * 1024
+# A PUB socket only receives subscriptions: a prefix (walrep subscribes to b"").
+MAX_SUBSCRIPTION_BYTES = 256
 
 
 class BadMessage(ValueError):
@@ -122,6 +129,9 @@ class Hello(Message):
     last_seq: int  # last sequence applied (0 when empty)
     durable_seq: int
     hello_id: int | None = None  # echoed by the welcome, so a late answer is told apart
+    # A secret kept in the reader's wal.meta: a second session for a reader id that the
+    # leader knows is accepted only with the same one (it proves it holds that log).
+    credential: str | None = None
 
     def validate(self):
         _ident(self.reader_id, "reader_id")
@@ -129,6 +139,7 @@ class Hello(Message):
         _seq(self.last_seq, "last_seq")
         _seq(self.durable_seq, "durable_seq")
         _seq(self.hello_id, "hello_id", optional=True)
+        _ident(self.credential, "credential", optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +240,14 @@ class Ack(Message):
     applied_seq: int
     durable_seq: int
     state: str | None = None  # the reader's own view: streaming, catching-up, ...
+    log_id: str | None = None  # the log these positions are in (refused if not the leader's)
 
     def validate(self):
         _ident(self.reader_id, "reader_id")
         _seq(self.applied_seq, "applied_seq")
         _seq(self.durable_seq, "durable_seq")
         _ident(self.state, "state", optional=True)
+        _ident(self.log_id, "log_id", optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +396,26 @@ _FIELD_NAMES: dict[type[Message], frozenset[str]] = {
 def encode(message: Message) -> bytes:
     fields = {name: getattr(message, name) for name, _ in _FIELDS[type(message)]}
     return msgpack.packb([PROTOCOL_VERSION, message.KIND, fields], use_bin_type=True)
+
+
+def request_id_of(data: bytes) -> int | None:
+    """The request id of a message that failed to decode, if one can be read at all.
+
+    A refusal carries the request id whenever there is one, so that a client waiting
+    for that request learns at once that it was refused instead of timing out.
+    """
+    if len(data) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        value = msgpack.unpackb(
+            data, raw=False, strict_map_key=False, max_map_len=64, max_ext_len=0
+        )
+        request_id = value[2]["request_id"]
+    except Exception:  # whatever is wrong with it, there is no request id to read
+        return None
+    if type(request_id) is int and 0 <= request_id < 2**63:
+        return request_id
+    return None
 
 
 def decode(data: bytes) -> Message:

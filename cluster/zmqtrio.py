@@ -18,6 +18,8 @@ measured notes on pyzmq under trio.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,12 +27,14 @@ from typing import Any, Final, Self
 
 import trio
 import zmq
+import zmq.utils.monitor
 
 __all__ = [
     "DEFAULT_LINGER_MS",
     "DRAIN_MAX_MESSAGES",
     "LIED_SEND_FIRST_BACKOFF_S",
     "LIED_SEND_MAX_BACKOFF_S",
+    "Sender",
     "SocketStatistics",
     "TrioSocket",
     "WouldBlock",
@@ -101,6 +105,48 @@ class SocketStatistics:
     tasks_waiting_send: int
     lied_send_retries: int  # sends retried after a POLLOUT that lied
     closed: bool
+
+
+class Sender:
+    """Who sent a message: its address, and on demand its port and CURVE key name.
+
+    The port and key are read from the received message only when asked (a hello,
+    not every ack), and must be asked before the next receive on the socket: the
+    connection's file descriptor may be reused once it closes.
+    """
+
+    __slots__ = ("_frame", "address")
+
+    def __init__(self, frame: zmq.Frame) -> None:
+        self._frame = frame
+        try:
+            self.address: str = frame.get("Peer-Address")
+        except (zmq.ZMQError, KeyError):
+            self.address = "unknown"
+
+    def __str__(self) -> str:
+        return self.address
+
+    def host_port(self) -> str:
+        """The connection's "host:port" (the address alone where the port is unknown)."""
+        try:
+            fd = self._frame.get(zmq.SRCFD)
+            with socket.socket(fileno=os.dup(fd)) as conn:
+                name = conn.getpeername()
+        except (zmq.ZMQError, OSError, ValueError):
+            return self.address
+        if isinstance(name, tuple) and len(name) >= 2:
+            host = f"[{name[0]}]" if ":" in str(name[0]) else name[0]
+            return f"{host}:{name[1]}"
+        return self.address
+
+    def key_name(self) -> str | None:
+        """The user id the ZAP handler gave the connection (the CURVE key's name), or None."""
+        try:
+            user = self._frame.get("User-Id")
+        except (zmq.ZMQError, KeyError):
+            return None
+        return user or None
 
 
 class TrioSocket:
@@ -352,6 +398,25 @@ class TrioSocket:
         except (zmq.ZMQError, KeyError):
             peer = "unknown"
         return [frame.bytes for frame in frames], peer
+
+    async def recv_multipart_with_sender(self) -> tuple[list[bytes], Sender]:
+        """Receive one whole message and a :class:`Sender` describing its connection."""
+        return await self._recv_with(self._try_recv_multipart_with_sender)
+
+    def recv_multipart_with_sender_nowait(self) -> tuple[list[bytes], Sender]:
+        """Like :meth:`recv_multipart_with_sender`, now, or raise :class:`WouldBlock`."""
+        if self._nothing_to_receive():
+            raise WouldBlock()
+        received = self._try_recv_multipart_with_sender()
+        if received is _WOULD_BLOCK:
+            raise WouldBlock()
+        return received
+
+    def _try_recv_multipart_with_sender(self) -> Any:
+        frames = self._try_recv_frames()
+        if frames is _WOULD_BLOCK:
+            return _WOULD_BLOCK
+        return [frame.bytes for frame in frames], Sender(frames[-1])
 
     def _try_recv(self) -> Any:
         frames = self._try_recv_frames()
@@ -630,7 +695,24 @@ IDENTITY: Final = zmq.IDENTITY
 RCVHWM: Final = zmq.RCVHWM
 SNDHWM: Final = zmq.SNDHWM
 ROUTER_MANDATORY: Final = zmq.ROUTER_MANDATORY
+MAXMSGSIZE: Final = zmq.MAXMSGSIZE
 ZMQError = zmq.ZMQError
+
+
+ZAP_DOMAIN: Final = zmq.ZAP_DOMAIN
+EVENT_ACCEPTED: Final = int(zmq.EVENT_ACCEPTED)
+EVENT_DISCONNECTED: Final = int(zmq.EVENT_DISCONNECTED)
+
+
+def open_monitor(sock: TrioSocket, events: int) -> TrioSocket:
+    """A socket on which libzmq reports ``events`` of ``sock``'s connections."""
+    return TrioSocket(sock.zmq_socket.get_monitor_socket(events))
+
+
+def parse_monitor_event(frames: list[bytes]) -> tuple[int, int]:
+    """(event, value) of one monitor message (value: the fd for accept/disconnect)."""
+    event = zmq.utils.monitor.parse_monitor_message(frames)
+    return int(event["event"]), int(event["value"])
 
 
 def new_context() -> zmq.Context:

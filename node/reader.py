@@ -557,6 +557,25 @@ class WALReader:
                 current += 1
         return segment, seq, offset
 
+    def offset_of(self, seq: int) -> tuple[Segment, int] | None:
+        """(segment, byte offset) where entry seq starts, by its lengths only; None when
+        no segment holds it. One read of the segment: for status, not a hot path."""
+        segments = self.segments()
+        if not segments or seq < segments[0].first_seq:
+            return None
+        segment = segments[_segment_index(segments, seq)]
+        try:
+            data = read_file_bytes(segment.path)
+        except FileNotFoundError:
+            return None  # purged meanwhile
+        try:
+            within = fmt.frames_offset(
+                memoryview(data)[fmt.FILE_HEADER_BYTES :], seq - segment.first_seq
+            )
+        except fmt.WALError:
+            return None  # past the end of what the segment holds
+        return segment, fmt.FILE_HEADER_BYTES + within
+
     def digest(self, from_seq: int, to_seq: int) -> str:
         """A digest of entries from_seq..to_seq: equal on any node holding the same log."""
         h = hashlib.blake2b(digest_size=16)

@@ -197,9 +197,12 @@ def test_replicas_2_with_one_reader_is_unknown_then_a_retry_returns_the_original
     cluster = LocalCluster(str(tmp_path / "c"), readers=2)
     second = cluster.reader_nodes[1]
     try:
-        cluster.leader.start()
-        cluster.reader_nodes[0].start()
+        cluster.start()
         wait_started(cluster.leader)
+        # Both readers known, one of them down: replicas=2 waits for it (with fewer
+        # readers known than asked, the leader would refuse it at once instead).
+        wait_for(lambda: cluster.leader.log_text().count("reader-hello") >= 2, 30, "two readers")
+        second.stop()
 
         async def scenario():
             async with open_client(cluster.ingest, timeout=2, ack="replicas=2") as client:
@@ -247,8 +250,11 @@ def test_a_retry_of_a_durable_request_is_answered_with_its_original_and_no_reade
 def test_load_retries_record_attempts_and_never_duplicate(tmp_path):
     cluster = LocalCluster(str(tmp_path / "c"), readers=1)
     try:
-        cluster.leader.start()
+        cluster.start()
         wait_started(cluster.leader)
+        # The reader known but down (with no reader known, replicas=1 is refused at once).
+        wait_for(lambda: "reader-hello" in cluster.leader.log_text(), 30, "the reader")
+        cluster.reader_nodes[0].stop()
         log = str(tmp_path / "h.jsonl")
         load = start_load(
             cluster,
@@ -265,8 +271,7 @@ def test_load_retries_record_attempts_and_never_duplicate(tmp_path):
             "--retries",
             "20",
         )
-        # No reader yet: the first request goes unknown and is retried; then one starts.
-        wait_for(lambda: "reader-hello" not in cluster.leader.log_text(), 5, "no reader")
+        # The reader down: the first request goes unknown and is retried; then it starts.
         wait_for(lambda: _retried(cluster), 30, "a retry to reach the leader")
         cluster.reader_nodes[0].start()
         assert load.wait(timeout=120) == 0

@@ -235,8 +235,7 @@ def test_recovery_that_deletes_files_is_refused_while_a_writer_holds_the_directo
     wal_dir = str(tmp_path / "wal")
     writer = node.Writer(wal_dir)
     try:
-        writer.append([{"m": 1}])
-        writer.flush()
+        writer.append([{"m": 1}], durable=True)
         options = node.RecoveryOptions(delete_replayed=True)
         with pytest.raises(node.WALLocked) as info:
             node.Recovery(wal_dir).recover(lambda records: None, options)

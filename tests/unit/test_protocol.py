@@ -747,7 +747,11 @@ def test_leader_records_reader_positions_and_reports_lag():
     assert all(a.peer == PEER for a in actions if isinstance(a, Send))
     info = leader.readers[READER_ID]
     assert (info.applied_seq, info.durable_seq, info.peer) == (40, 30, PEER)
-    assert leader.on_control(b"new-peer", wire.Ack(READER_ID, 90, 80), 11.0) == []
+    # Only the session that hand-shook as the reader moves its position.
+    (refused,) = sends(leader.on_control(b"new-peer", wire.Ack(READER_ID, 90, 80), 11.0))
+    assert refused.code == "unknown-session"
+    assert (info.applied_seq, info.durable_seq) == (40, 30)
+    assert leader.on_control(PEER, wire.Ack(READER_ID, 90, 80), 11.0) == []
     assert leader.on_control(PEER, wire.Ack(READER_ID, 70, 60), 11.5) == []  # reordered: kept max
     leader.on_control(PEER, wire.Ack("stranger", 1, 1), 11.0)  # no hello: ignored
     leader.on_commit(120)
