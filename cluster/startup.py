@@ -19,6 +19,8 @@ import os
 import socket
 import stat
 
+from node.dirsync import sync_dir
+
 from .config import ConfigError, LeaderConfig, endpoint_address
 
 # In wal_dir, not ending in .wal and starting with a dot: no WAL code takes it for a
@@ -60,7 +62,7 @@ def check_wal_dir(wal_dir: str, where: str) -> None:
         try:
             os.makedirs(wal_dir, mode=0o700)
             os.chmod(wal_dir, 0o700)  # makedirs' mode passes through the umask
-            _sync_dir(os.path.dirname(os.path.abspath(wal_dir)))
+            sync_dir(os.path.dirname(os.path.abspath(wal_dir)))
         except OSError as exc:
             fail(f"cannot create {wal_dir}: {_why(exc)}")
     probe = os.path.join(wal_dir, f"{PROBE_PREFIX}{os.getpid()}")
@@ -144,11 +146,3 @@ def _why(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return "no space left on the device"
     return exc.strerror or str(exc)
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

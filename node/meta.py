@@ -11,6 +11,7 @@ import os
 import secrets
 from typing import Any
 
+from .dirsync import sync_dir
 from .format import WALError
 
 META_FILE_NAME = "wal.meta"
@@ -58,11 +59,7 @@ def save_meta(wal_dir: str, meta: dict[str, Any]) -> None:
     finally:
         os.close(fd)
     os.replace(temp, path)
-    dir_fd = os.open(wal_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_dir(wal_dir)
 
 
 def update_meta(wal_dir: str, **changes: Any) -> dict[str, Any]:

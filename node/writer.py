@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import format as fmt
+from .dirsync import sync_dir
 from .lockfile import lock_dir
 from .reader import (
     ScanEnd,
@@ -341,14 +342,14 @@ class Writer:
                 os.unlink(segment.path)
             else:
                 os.rename(segment.path, broken)
-            _sync_dir(self.wal_dir)
+            sync_dir(self.wal_dir)
         keep = problem.offset if problem.kind != "bad-header" else 0
         cut = _copy_sparse_synced(problem.file, keep, f"{problem.file}.broken")
         if keep < fmt.FILE_HEADER_BYTES:
             self._rewrite_header(problem.file)
         else:
             _truncate_synced(problem.file, keep)
-        _sync_dir(self.wal_dir)
+        sync_dir(self.wal_dir)
         self.repairs.append(problem)
         log.warning(
             "repair=cut: cut the log before sequence %s: %s; kept the %d cut bytes in "
@@ -364,7 +365,7 @@ class Writer:
         broken = f"{path}.broken"
         cut = _copy_sparse_synced(path, valid_end, broken)
         _truncate_synced(path, valid_end)
-        _sync_dir(self.wal_dir)
+        sync_dir(self.wal_dir)
         self.repairs.append(problem)
         log.warning(
             "cut a torn tail: %s; kept the %d cut bytes in %s",
@@ -932,7 +933,7 @@ class Writer:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        _sync_dir(self.wal_dir)
+        sync_dir(self.wal_dir)
         self._fd = fd
         self._active = Segment(path, first_seq)
         self._active_size = fmt.FILE_HEADER_BYTES
@@ -1079,7 +1080,7 @@ class Writer:
             except FileNotFoundError:
                 pass
         if removed:
-            _sync_dir(self.wal_dir)
+            sync_dir(self.wal_dir)
         return removed
 
 
@@ -1158,7 +1159,7 @@ def _ensure_private_dir(path: str) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
         parent = os.path.dirname(os.path.abspath(path))
-        _sync_dir(parent)
+        sync_dir(parent)
 
 
 def _truncate_synced(path: str, size: int) -> None:
@@ -1313,11 +1314,3 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
