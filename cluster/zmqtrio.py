@@ -107,6 +107,14 @@ class SocketStatistics:
     closed: bool
 
 
+def _peer_address(frame: zmq.Frame) -> str:
+    """The sender's IP address as libzmq saw it ("unknown" when it has none, as inproc)."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, KeyError):
+        return "unknown"
+
+
 class Sender:
     """Who sent a message: its address, and on demand its port and CURVE key name.
 
@@ -119,10 +127,7 @@ class Sender:
 
     def __init__(self, frame: zmq.Frame) -> None:
         self._frame = frame
-        try:
-            self.address: str = frame.get("Peer-Address")
-        except (zmq.ZMQError, KeyError):
-            self.address = "unknown"
+        self.address = _peer_address(frame)
 
     def __str__(self) -> str:
         return self.address
@@ -315,27 +320,21 @@ class TrioSocket:
         sender broke this socket's framing, and returning only the first
         frame would misalign every later receive.
         """
-        if self._nothing_to_receive():
-            raise WouldBlock()
-        data = self._try_recv()
-        if data is _WOULD_BLOCK:
-            raise WouldBlock()
-        return data
+        return self._receive_now(self._try_recv)
 
     def recv_multipart_nowait(self) -> list[bytes]:
         """Receive one whole message now, or raise :class:`WouldBlock`."""
-        if self._nothing_to_receive():
-            raise WouldBlock()
-        frames = self._try_recv_multipart()
-        if frames is _WOULD_BLOCK:
-            raise WouldBlock()
-        return frames
+        return self._receive_now(self._try_recv_multipart)
 
     def recv_multipart_with_peer_nowait(self) -> tuple[list[bytes], str]:
         """Like :meth:`recv_multipart_with_peer`, now, or raise :class:`WouldBlock`."""
+        return self._receive_now(self._try_recv_multipart_with_peer)
+
+    def _receive_now(self, try_recv: Callable[[], Any]) -> Any:
+        """What try_recv takes now, or raise :class:`WouldBlock` (the *_nowait calls)."""
         if self._nothing_to_receive():
             raise WouldBlock()
-        received = self._try_recv_multipart_with_peer()
+        received = try_recv()
         if received is _WOULD_BLOCK:
             raise WouldBlock()
         return received
@@ -393,11 +392,7 @@ class TrioSocket:
         frames = self._try_recv_frames()
         if frames is _WOULD_BLOCK:
             return _WOULD_BLOCK
-        try:
-            peer = frames[-1].get("Peer-Address")
-        except (zmq.ZMQError, KeyError):
-            peer = "unknown"
-        return [frame.bytes for frame in frames], peer
+        return [frame.bytes for frame in frames], _peer_address(frames[-1])
 
     async def recv_multipart_with_sender(self) -> tuple[list[bytes], Sender]:
         """Receive one whole message and a :class:`Sender` describing its connection."""
@@ -405,12 +400,7 @@ class TrioSocket:
 
     def recv_multipart_with_sender_nowait(self) -> tuple[list[bytes], Sender]:
         """Like :meth:`recv_multipart_with_sender`, now, or raise :class:`WouldBlock`."""
-        if self._nothing_to_receive():
-            raise WouldBlock()
-        received = self._try_recv_multipart_with_sender()
-        if received is _WOULD_BLOCK:
-            raise WouldBlock()
-        return received
+        return self._receive_now(self._try_recv_multipart_with_sender)
 
     def _try_recv_multipart_with_sender(self) -> Any:
         frames = self._try_recv_frames()
