@@ -45,6 +45,19 @@ def wait_registered(cluster, count: int) -> None:
     )
 
 
+def wait_leader(cluster) -> None:
+    wait_for(lambda: "leader-started" in cluster.leader.log_text(), 30, "the leader")
+
+
+def start_and_wait(cluster) -> None:
+    """Start every node; wait until each reader hand-shook (with none, the leader runs)."""
+    cluster.start()
+    if cluster.reader_nodes:
+        wait_registered(cluster, len(cluster.reader_nodes))
+    else:
+        wait_leader(cluster)
+
+
 def dealer(ctx: zmq.Context, endpoint: str, **options) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -70,8 +83,7 @@ def test_a_forged_ack_from_a_plain_dealer_counts_for_nothing(tmp_path):
     ctx = zmq.Context()
     reader = cluster.reader_nodes[0]
     try:
-        cluster.start()
-        wait_registered(cluster, 1)
+        start_and_wait(cluster)
         assert cluster.load(100, "--ack", "replicas=1").returncode == 0
         os.kill(reader.pid, signal.SIGSTOP)
         stray = dealer(ctx, cluster.control)
@@ -100,8 +112,7 @@ def test_under_curve_another_readers_key_cannot_ack_or_hello_for_a_reader(tmp_pa
     ctx = zmq.Context()
     reader_1 = cluster.reader_nodes[0]
     try:
-        cluster.start()
-        wait_registered(cluster, 2)
+        start_and_wait(cluster)
         load = cluster.load(100, "--ack", "replicas=2", *client_keys(keys))
         assert load.returncode == 0, load.stderr
         os.kill(reader_1.pid, signal.SIGSTOP)
@@ -139,8 +150,7 @@ def test_a_squatter_with_a_readers_id_does_not_cut_that_reader_off(tmp_path):
     ctx = zmq.Context()
     reader = cluster.reader_nodes[0]
     try:
-        cluster.start()
-        wait_registered(cluster, 1)
+        start_and_wait(cluster)
         # The reader id as the routing id (what the real reader used to set), and a hello.
         squatter = dealer(ctx, cluster.control, IDENTITY=b"reader-1")
         squatter.send(wire.encode(wire.Hello("reader-1", None, 0, 0)))
@@ -175,8 +185,7 @@ def test_a_one_gib_frame_is_dropped_at_the_transport(tmp_path):
     cluster = LocalCluster(str(tmp_path / "c"), readers=0)
     ctx = zmq.Context()
     try:
-        cluster.start()
-        wait_for(lambda: "leader-started" in cluster.leader.log_text(), 30, "the leader")
+        start_and_wait(cluster)
         sender = dealer(ctx, cluster.ingest)
         monitor = sender.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sender.send(bytes(1 << 30), copy=False)
@@ -195,8 +204,7 @@ def test_bad_ack_levels_are_refused_at_once_with_the_request_id(tmp_path):
     cluster = LocalCluster(str(tmp_path / "c"), readers=1)
     ctx = zmq.Context()
     try:
-        cluster.start()
-        wait_registered(cluster, 1)
+        start_and_wait(cluster)
         client = dealer(ctx, cluster.ingest)
         for request_id, ack in ((7, "bogus"), (8, "replicas=0"), (9, "replicas=abc")):
             client.send(wire.encode(wire.Append(request_id, [b"x"], ack=ack)))
@@ -220,8 +228,7 @@ def test_bad_ack_levels_are_refused_at_once_with_the_request_id(tmp_path):
 def test_two_thousand_single_entry_requests_in_flight_are_all_answered(tmp_path):
     cluster = LocalCluster(str(tmp_path / "c"), readers=0)
     try:
-        cluster.start()
-        wait_for(lambda: "leader-started" in cluster.leader.log_text(), 30, "the leader")
+        start_and_wait(cluster)
         summary = tmp_path / "summary.json"
         started = time.monotonic()
         load = cluster.load(
@@ -248,13 +255,12 @@ def test_status_after_a_leader_restart_shows_saved_positions_as_unknown(tmp_path
     cluster = LocalCluster(str(tmp_path / "c"), readers=1)
     reader = cluster.reader_nodes[0]
     try:
-        cluster.start()
-        wait_registered(cluster, 1)
+        start_and_wait(cluster)
         assert cluster.load(1_000, "--ack", "replicas=1").returncode == 0
         reader.stop()
         cluster.leader.stop()
         cluster.leader.start()
-        wait_for(lambda: "leader-started" in cluster.leader.log_text(), 30, "the leader")
+        wait_leader(cluster)
         assert cluster.load(5_000, "--ack", "local").returncode == 0
         row = reader_row(leader_status(cluster), "reader-1")
         assert (row["state"], row["durable_seq"], row["lag_bytes"]) == ("unknown", None, None)
@@ -288,8 +294,7 @@ def test_replies_wait_for_a_client_that_reads_late_instead_of_vanishing(tmp_path
     ctx = zmq.Context()
     count = 60_000
     try:
-        cluster.start()
-        wait_for(lambda: "leader-started" in cluster.leader.log_text(), 30, "the leader")
+        start_and_wait(cluster)
         client = dealer(ctx, cluster.ingest, RCVHWM=10)
         for request_id in range(1, count + 1):
             client.send(wire.encode(wire.Append(request_id, [b"x" * 10], ack="local")))
@@ -312,8 +317,7 @@ def test_subscribers_past_the_cap_are_refused_and_shown_in_status(tmp_path):
     cluster = LocalCluster(str(tmp_path / "c"), readers=1, leader_extra=["--max-subscribers", "3"])
     ctx = zmq.Context()
     try:
-        cluster.start()
-        wait_registered(cluster, 1)
+        start_and_wait(cluster)
         # Subscribers that never read: each may hold publish_hwm batches of the leader.
         stalled = []
         for _ in range(5):
@@ -345,8 +349,7 @@ def test_a_second_process_on_a_running_nodes_directory_is_refused_naming_it(tmp_
     cluster = LocalCluster(str(tmp_path / "c"), readers=1)
     reader = cluster.reader_nodes[0]
     try:
-        cluster.start()
-        wait_registered(cluster, 1)
+        start_and_wait(cluster)
         assert cluster.load(100, "--ack", "replicas=1").returncode == 0
         ports = [f"tcp://127.0.0.1:{port}" for port in free_ports(3)]
         second = walrep(
