@@ -170,7 +170,7 @@ class Leader:
                 zmqtrio.ZAP_DOMAIN: security.DOMAIN_PUBLISH,
             },
         )
-        self.subscriber_events = subscriber_events = zmqtrio.open_monitor(
+        self.subscriber_events = zmqtrio.open_monitor(
             self.pub, zmqtrio.EVENT_ACCEPTED | zmqtrio.EVENT_DISCONNECTED
         )
         self.control = zmqtrio.make_socket(
@@ -194,16 +194,16 @@ class Leader:
             },
         )
         self.control_send_lock = trio.Lock()
+        zap = zmqtrio.make_socket(ctx, zmqtrio.REP)
         try:
             # The ZAP handler must listen before any socket takes a connection.
-            zap = zmqtrio.make_socket(ctx, zmqtrio.REP)
             zap.bind(security.ZAP_ENDPOINT)
             self.endpoints["publish"] = self.pub.bind(self.config.publish)
             self.endpoints["control"] = self.control.bind(self.config.control)
             self.endpoints["ingest"] = self.ingest.bind(self.config.ingest)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                nursery.start_soon(self._zap_loop, zap, subscriber_events)
+                nursery.start_soon(self._zap_loop, zap)
                 if self.writer.background:
                     nursery.start_soon(self._publish_loop, commits_out)
                 if durable_out is not None:
@@ -241,7 +241,7 @@ class Leader:
                 await self._save_positions()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.writer.close)
-            for sock in (subscriber_events, self.pub, self.control, self.ingest, zap):
+            for sock in (self.subscriber_events, self.pub, self.control, self.ingest, zap):
                 sock.close()
             self.metrics.close()
             ctx.term()
@@ -259,7 +259,7 @@ class Leader:
             security.server_options(secret, security.DOMAIN_CLIENTS),
         )
 
-    async def _zap_loop(self, zap, subscriber_events) -> None:
+    async def _zap_loop(self, zap) -> None:
         """Answer libzmq's authentication requests: only allow-listed keys get in, and no
         more than max_subscribers subscribers at once."""
         while True:
@@ -267,7 +267,7 @@ class Leader:
             request_id, domain, address = security.zap_request_fields(request)
             if domain == security.DOMAIN_PUBLISH:
                 # The newcomer's accept event is already queued: count it in.
-                self._take_subscriber_events(subscriber_events)
+                self._take_subscriber_events()
                 if len(self.subscriber_fds) - self.refusals_pending > self.config.max_subscribers:
                     self.subscribers_refused += 1
                     self.refusals_pending += 1
@@ -291,14 +291,15 @@ class Leader:
 
     def _subscriber_count(self) -> int:
         if self.subscriber_events is not None and not self.subscriber_events.closed:
-            self._take_subscriber_events(self.subscriber_events)
+            self._take_subscriber_events()
         return max(0, len(self.subscriber_fds) - self.refusals_pending)
 
-    def _take_subscriber_events(self, events) -> None:
+    def _take_subscriber_events(self) -> None:
         """Keep subscriber_fds to the publish socket's open connections."""
         while True:
             try:
-                kind, fd = zmqtrio.parse_monitor_event(events.recv_multipart_nowait())
+                events = self.subscriber_events.recv_multipart_nowait()
+                kind, fd = zmqtrio.parse_monitor_event(events)
             except zmqtrio.WouldBlock:
                 return
             if kind == zmqtrio.EVENT_ACCEPTED:
@@ -610,6 +611,9 @@ class Leader:
     def _metrics_snapshot(self) -> dict:
         status = self.status()
         readers = [n for n in status["nodes"] if n["role"] == "reader"]
+        # A reader whose position is unknown (saved before a restart) has no lag series
+        # until it speaks: a gauge has no "unknown".
+        known = [n for n in readers if n["lag_entries"] is not None]
         return {
             "plain": {
                 "walrep_head_sequence": ("gauge", "Last committed sequence", status["head_seq"]),
@@ -664,17 +668,17 @@ class Leader:
                 "walrep_reader_lag_entries": (
                     "Entries a reader lacks durably",
                     "reader",
-                    {n["id"]: n["lag_entries"] for n in readers},
+                    {n["id"]: n["lag_entries"] for n in known},
                 ),
                 "walrep_reader_lag_bytes": (
                     "Bytes a reader lacks durably",
                     "reader",
-                    {n["id"]: n["lag_bytes"] for n in readers},
+                    {n["id"]: n["lag_bytes"] for n in known},
                 ),
                 "walrep_reader_lag_seconds": (
                     "Seconds since the leader committed the oldest entry a reader lacks",
                     "reader",
-                    {n["id"]: n["lag_seconds"] for n in readers},
+                    {n["id"]: n["lag_seconds"] for n in known},
                 ),
                 "walrep_reader_connected": (
                     "1 if the reader was heard from recently",

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 
 import msgpack
 import pytest
@@ -173,6 +174,14 @@ def test_a_squatter_with_a_readers_id_does_not_cut_that_reader_off(tmp_path):
         cluster.stop()
 
 
+def _scrape(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
 def _peak_rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -252,7 +261,11 @@ def test_two_thousand_single_entry_requests_in_flight_are_all_answered(tmp_path)
 
 
 def test_status_after_a_leader_restart_shows_saved_positions_as_unknown(tmp_path):
-    cluster = LocalCluster(str(tmp_path / "c"), readers=1)
+    (metrics_port,) = free_ports(1)
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    cluster = LocalCluster(
+        str(tmp_path / "c"), readers=1, leader_extra=["--metrics", f"127.0.0.1:{metrics_port}"]
+    )
     reader = cluster.reader_nodes[0]
     try:
         start_and_wait(cluster)
@@ -265,6 +278,15 @@ def test_status_after_a_leader_restart_shows_saved_positions_as_unknown(tmp_path
         row = reader_row(leader_status(cluster), "reader-1")
         assert (row["state"], row["durable_seq"], row["lag_bytes"]) == ("unknown", None, None)
         assert row["saved_durable_seq"] == 1_000
+
+        # Metrics have no series for an unknown position (a gauge cannot say unknown).
+        def scraped():
+            text = _scrape(metrics)
+            return text if text and "walrep_reader_connected" in text else None
+
+        exposition = wait_for(scraped, 10, "the metrics to show the reader")
+        assert 'walrep_reader_connected{reader="reader-1"} 0.0' in exposition
+        assert 'walrep_reader_lag_entries{reader="reader-1"}' not in exposition
         reader.start()
         cluster.wait_converged()
 
