@@ -127,6 +127,8 @@ class ReaderProtocol:
         self.applied = last_seq
         self.durable = durable_seq
         self.state = ReaderState.CONNECTING
+        # The first sequence where this log differs from the leader's (set by diverge()).
+        self.diverged_at: int | None = None
         self.leader_boot_id: str | None = None
         # Hellos carry a number the welcome echoes. A welcome answering a hello sent
         # before the current handshake began is stale (it may come from before a
@@ -167,9 +169,6 @@ class ReaderProtocol:
 
     def needs_handshake(self) -> bool:
         return self.state in (ReaderState.CONNECTING, ReaderState.DISCONNECTED)
-
-    # The first sequence where this log differs from the leader's (set by diverge()).
-    diverged_at: int | None = None
 
     def stopped(self) -> bool:
         """FAILED or DIVERGED: nothing more is applied, fetched, hand-shaken or acked."""
