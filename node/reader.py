@@ -143,6 +143,7 @@ def scan(
     out: list[RawEntry] | None = None,
     on_problem: Callable[[fmt.Problem], None] | None = None,
     resume: ScanEnd | None = None,
+    file_size: int | None = None,
 ) -> ScanEnd:
     """Walk the entries of one segment's bytes, appending each good one to ``out``.
 
@@ -150,12 +151,15 @@ def scan(
     lengths are read); scanning stops after ``stop_seq``. ``is_tail`` says whether
     an incomplete last entry is a torn write (the newest segment) or damage.
     ``resume`` continues a scan that an earlier call ended at its stop_seq.
+    ``file_size`` is the file's length when ``data`` holds only its start (the rest
+    being zeros): a problem then counts the bytes lost to the end of the file.
     """
     if resume is None:
         pos, seq, entries = fmt.FILE_HEADER_BYTES, first_seq, 0
     else:
         pos, seq, entries = resume.valid_end, resume.next_seq, resume.entries
     size = len(data)
+    file_end = size if file_size is None else file_size
     skip_before = start_seq if (start_seq is not None and first_seq is not None) else 0
     view = memoryview(data)
     add = out.append if out is not None else None
@@ -176,7 +180,7 @@ def scan(
         if stop_seq is not None and seq is not None and seq > stop_seq:
             return ScanEnd(pos, seq, entries, None)
         if size - pos < _HEADER:
-            problem = _tail_problem(data, pos, file, seq, is_tail, "partial entry header")
+            problem = _tail_problem(file_end, pos, file, seq, is_tail, "partial entry header")
             return _end(pos, seq, entries, problem, on_problem)
         length, timestamp, crc = _unpack_header(data, pos)
         if length > _MAX:
@@ -186,14 +190,14 @@ def scan(
                 pos,
                 seq,
                 f"entry declares {length} bytes, more than the {_MAX}-byte maximum; "
-                f"the remaining {size - pos} bytes of the file are lost",
-                size - pos,
+                f"the remaining {file_end - pos} bytes of the file are lost",
+                file_end - pos,
             )
             return _end(pos, seq, entries, problem, on_problem)
         end = pos + _HEADER + length
         if end > size:
             problem = _tail_problem(
-                data,
+                file_end,
                 pos,
                 file,
                 seq,
@@ -203,7 +207,7 @@ def scan(
             return _end(pos, seq, entries, problem, on_problem)
         if length == 0 and timestamp == 0 and fmt.is_all_zero(data, pos):
             # A zeroed header is a file extended by a crash, not an empty entry.
-            problem = _tail_problem(data, pos, file, seq, is_tail, "zero-filled tail")
+            problem = _tail_problem(file_end, pos, file, seq, is_tail, "zero-filled tail")
             return _end(pos, seq, entries, problem, on_problem)
         if not skip_before or seq >= skip_before:
             if _crc32(view[pos + _HEADER : end]) != crc:
@@ -211,7 +215,7 @@ def scan(
                     # The last entry of the newest file (only zeros after it, as a crash
                     # that extended the file leaves it): a write the crash interrupted.
                     problem = fmt.Problem(
-                        "torn-tail", file, pos, seq, "last entry fails its CRC", size - pos
+                        "torn-tail", file, pos, seq, "last entry fails its CRC", file_end - pos
                     )
                     return _end(pos, seq, entries, problem, on_problem)
                 if on_problem is not None:
@@ -235,8 +239,8 @@ def scan(
     return ScanEnd(pos, seq, entries, None)
 
 
-def _tail_problem(data, pos, file, seq, is_tail, what) -> fmt.Problem:
-    lost = len(data) - pos
+def _tail_problem(file_end, pos, file, seq, is_tail, what) -> fmt.Problem:
+    lost = file_end - pos
     if is_tail:
         return fmt.Problem(
             "torn-tail", file, pos, seq, f"{what}; the last {lost} bytes are incomplete", lost

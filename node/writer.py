@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
@@ -1206,20 +1206,20 @@ def _scan_newest_segment(
     """
     while True:
         problems.clear()
-        end = scan(data, segment.path, segment.first_seq, is_tail=True, on_problem=problems.append)
+        end = scan(
+            data,
+            segment.path,
+            segment.first_seq,
+            is_tail=True,
+            on_problem=problems.append,
+            file_size=size,
+        )
         if len(data) >= size:
             return end
         need = _bytes_to_judge(data, end.valid_end)
         if need <= len(data):
-            break
+            return end
         data += bytes(min(size, need + _ZERO_TAIL_READ_BYTES) - len(data))
-    if end.problem is not None:
-        # The problem's count of lost bytes stopped at len(data): the zeros after are
-        # lost too.
-        problem = _problem_to_end(end.problem, len(data), size)
-        problems[problems.index(end.problem)] = problem
-        end = replace(end, problem=problem)
-    return end
 
 
 def _bytes_to_judge(data: bytes, pos: int) -> int:
@@ -1231,16 +1231,6 @@ def _bytes_to_judge(data: bytes, pos: int) -> int:
     if length > _MAX:
         return 0  # a bad length however many bytes follow
     return pos + fmt.ENTRY_HEADER_BYTES + length
-
-
-def _problem_to_end(problem: fmt.Problem, scanned: int, size: int) -> fmt.Problem:
-    """problem, found in the first scanned bytes of a file, as a scan of all size bytes
-    reports it: the same place and kind, with everything to the end of the file lost."""
-    old, lost = scanned - problem.offset, size - problem.offset
-    detail = problem.detail
-    for phrase in ("the last {} bytes", "the remaining {} bytes"):
-        detail = detail.replace(phrase.format(old), phrase.format(lost))
-    return replace(problem, detail=detail, lost_bytes=lost)
 
 
 def _data_regions(fd: int, start: int, stop: int) -> list[tuple[int, int]]:
