@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 
-from node.dirsync import sync_dir
+from node.dirsync import ensure_private_dir
 
 from .config import ConfigError, LeaderConfig, endpoint_address
 
@@ -60,9 +60,7 @@ def check_wal_dir(wal_dir: str, where: str) -> None:
         if blocker is not None:
             fail(f"{wal_dir}: {blocker} is not a directory")
         try:
-            os.makedirs(wal_dir, mode=0o700)
-            os.chmod(wal_dir, 0o700)  # makedirs' mode passes through the umask
-            sync_dir(os.path.dirname(os.path.abspath(wal_dir)))
+            ensure_private_dir(wal_dir)
         except OSError as exc:
             fail(f"cannot create {wal_dir}: {_why(exc)}")
     probe = os.path.join(wal_dir, f"{PROBE_PREFIX}{os.getpid()}")

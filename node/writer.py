@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
-from .dirsync import sync_dir
+from .dirsync import ensure_private_dir, sync_dir
 from .lockfile import lock_dir
 from .reader import (
     ScanEnd,
@@ -238,7 +238,7 @@ class Writer:
         self.sync_seconds_sum = 0.0
         self.repairs: list[fmt.Problem] = []
 
-        _ensure_private_dir(wal_dir)
+        ensure_private_dir(wal_dir)
         self._fd: int | None = None
         self._active: Segment | None = None
         self._active_size = 0
@@ -1152,14 +1152,6 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except FileNotFoundError:
         return float("inf")
-
-
-def _ensure_private_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
-        parent = os.path.dirname(os.path.abspath(path))
-        sync_dir(parent)
 
 
 def _truncate_synced(path: str, size: int) -> None:
