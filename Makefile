@@ -4,7 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench-wal bench-replication bench bench-deps chaos fuzz clean
+.PHONY: help test lint demo bench-wal bench-replication bench bench-deps chaos fuzz clean
+
+# `make` alone lists the targets (the first target is the default).
+help:
+	@echo "make test               set everything up, then run the whole suite (PYTEST_ARGS=...)"
+	@echo "make demo               a leader and two readers on this machine, checked entry by entry"
+	@echo "make lint               ruff check and ruff format --check"
+	@echo "make bench              every benchmark next to its baseline (BENCH_ARGS=--quick)"
+	@echo "make bench-wal          the local WAL alone"
+	@echo "make bench-replication  replicated throughput alone"
+	@echo "make chaos              faults under load, then the history check (CHAOS_ARGS=...)"
+	@echo "make fuzz               the decoders under 50 000 generated inputs each"
+	@echo "make clean              remove the virtualenv and everything built or cached"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +37,7 @@ bench-wal: $(STAMP)
 	$(BIN)/python scripts/bench_wal.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache node/*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache node/*.so
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py

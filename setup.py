@@ -41,7 +41,7 @@ def _warn(message: str) -> None:
 setup(
     ext_modules=[
         Extension(
-            "node._scan",
+            "walrep.node._scan",
             sources=["node/_scan.c"],
             define_macros=[("WALREP_USE_ZLIB", "1")],
             libraries=["z"],

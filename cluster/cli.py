@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import node
-from node import format as fmt
+from walrep import node
+from walrep.node import format as fmt
 
 from . import config as configmod
 from . import startup

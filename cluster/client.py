@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from node import format as fmt
+from walrep.node import format as fmt
 
 from . import security, wire, zmqtrio
 

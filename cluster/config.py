@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from node.writer import SyncMode
+from walrep.node.writer import SyncMode
 
 from .wire import MAX_ID_BYTES
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import trio
 
-import node
-from node import format as fmt
-from node.meta import load_meta, new_log_id, update_meta
+from walrep import node
+from walrep.node import format as fmt
+from walrep.node.meta import load_meta, new_log_id, update_meta
 
 from . import protocol, security, wire, zmqtrio
 from .config import LeaderConfig, parse_ack

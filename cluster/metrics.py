@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-import node
-from node.writer import SYNC_BUCKETS_S
+from walrep import node
+from walrep.node.writer import SYNC_BUCKETS_S
 
 COMMIT_BUCKETS_S = (
     0.00025,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import node
+from walrep import node
 
 
 def free_ports(count: int) -> list[int]:
@@ -45,7 +45,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, poll: f
 
 
 def walrep_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cluster.cli", *args]
+    return [sys.executable, "-m", "walrep.cluster.cli", *args]
 
 
 @dataclass

@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.format import WALError, frames_offset
+from walrep.node.format import WALError, frames_offset
 
 from . import wire
 

@@ -20,8 +20,8 @@ import time
 import tenacity
 import trio
 
-import node
-from node.meta import load_meta, update_meta
+from walrep import node
+from walrep.node.meta import load_meta, update_meta
 
 from . import protocol, security, wire, zmqtrio
 from .config import ReaderConfig

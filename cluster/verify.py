@@ -25,9 +25,9 @@ from typing import Protocol
 
 import trio
 
-import node
-from node import format as fmt
-from node.reader import read_file_bytes, scan
+from walrep import node
+from walrep.node import format as fmt
+from walrep.node.reader import read_file_bytes, scan
 
 from . import wire, zmqtrio
 

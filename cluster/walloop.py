@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-import node
+from walrep import node
 
 
 async def make_room(writer: node.Writer) -> None:

@@ -677,7 +677,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "node._scan",
+    .m_name = "walrep.node._scan",
     .m_doc = "C fast paths of node.reader.scan() and decode_frames(), and of batch framing "
              "in node.writer.",
     .m_size = -1,

@@ -56,19 +56,17 @@ import time
 import traceback
 import zlib
 
+import bench_baselines as baselines
+import bench_wal
+from bench_pipeline import Pipeline
+
+from walrep import node
+from walrep.cluster.loadgen import latency_percentiles
+from walrep.cluster.procs import LocalCluster, wait_for, walrep_command
+from walrep.node import format as fmt
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-
-import bench_baselines as baselines  # noqa: E402
-import bench_wal  # noqa: E402
-from bench_pipeline import Pipeline  # noqa: E402
-
-import node  # noqa: E402
-from cluster.loadgen import latency_percentiles  # noqa: E402
-from cluster.procs import LocalCluster, wait_for, walrep_command  # noqa: E402
-from node import format as fmt  # noqa: E402
 
 SEGMENT_NAME = re.compile(r"^arc-(\d{20})\.wal$")
 
@@ -189,7 +187,7 @@ def machine() -> dict:
             git[key] = "?"
     git["head"] = git.get("head", "?").strip()
     git["dirty"] = [line[3:] for line in git.get("dirty", "").splitlines() if line.strip()]
-    from node import reader as node_reader
+    from walrep.node import reader as node_reader
 
     return {
         "nproc": os.cpu_count(),

@@ -32,10 +32,8 @@ import time
 
 import zmq
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from cluster.procs import free_ports  # noqa: E402
-from node import format as fmt  # noqa: E402
+from walrep.cluster.procs import free_ports
+from walrep.node import format as fmt
 
 HERE = os.path.abspath(__file__)
 

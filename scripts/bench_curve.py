@@ -13,10 +13,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from cluster import security  # noqa: E402
-from cluster.procs import LocalCluster, wait_for  # noqa: E402
+from walrep.cluster import security
+from walrep.cluster.procs import LocalCluster, wait_for
 
 
 def make_keys(base: str) -> dict[str, str]:

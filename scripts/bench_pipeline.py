@@ -34,16 +34,13 @@ import sys
 import time
 
 import zmq
+from bench_baselines import stop_pid
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bench_baselines import stop_pid  # noqa: E402
-
-from cluster import wire  # noqa: E402
-from cluster.cli import tune_for_latency  # noqa: E402
-from cluster.config import parse_ack  # noqa: E402
-from cluster.procs import free_ports  # noqa: E402
-from node import format as fmt  # noqa: E402
+from walrep.cluster import wire
+from walrep.cluster.cli import tune_for_latency
+from walrep.cluster.config import parse_ack
+from walrep.cluster.procs import free_ports
+from walrep.node import format as fmt
 
 BURST_HEAD = struct.Struct(">QI")  # first sequence, entry count; then the frames
 PROBE = b"probe"

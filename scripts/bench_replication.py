@@ -20,9 +20,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from cluster.procs import LocalCluster, wait_for  # noqa: E402
+from walrep.cluster.procs import LocalCluster, wait_for
 
 
 def started(cluster: LocalCluster) -> LocalCluster:

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import trio
 
-import trio  # noqa: E402
-
-from cluster.cli import tune_for_latency  # noqa: E402
-from cluster.client import open_client  # noqa: E402
-from cluster.loadgen import latency_percentiles, payload_for  # noqa: E402
+from walrep.cluster.cli import tune_for_latency
+from walrep.cluster.client import open_client
+from walrep.cluster.loadgen import latency_percentiles, payload_for
 
 IN_FLIGHT = 64
 

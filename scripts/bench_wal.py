@@ -23,11 +23,9 @@ import tempfile
 import time
 import zlib
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import node  # noqa: E402
-from node import format as fmt  # noqa: E402
-from node import reader  # noqa: E402
+from walrep import node
+from walrep.node import format as fmt
+from walrep.node import reader
 
 BATCH = 1000
 
@@ -138,7 +136,7 @@ def main() -> int:
             f"{r['baseline']:>28} {r['baseline_entries_per_s']:12,.0f} {r['ratio']:6.2f}"
         )
     if reader._scan_fast is not None:
-        from node import _scan
+        from walrep.node import _scan
 
         print(f"scan implementation: C extension node._scan (CRC-32: {_scan.CRC_IMPLEMENTATION})")
     else:

@@ -26,12 +26,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import trio
+import zmq
 
-import trio  # noqa: E402
-import zmq  # noqa: E402
-
-from cluster.zmqtrio import make_socket  # noqa: E402
+from walrep.cluster.zmqtrio import make_socket
 
 ENTRY_BYTES = 100
 BATCH = 100

@@ -72,10 +72,10 @@ for _path in (ROOT, HERE):
 
 import check_history  # noqa: E402
 
-import node  # noqa: E402
-from cluster.config import LeaderConfig, key_names  # noqa: E402
-from cluster.procs import NodeProcess, free_ports, walrep_command  # noqa: E402
-from node import format as fmt  # noqa: E402
+from walrep import node  # noqa: E402
+from walrep.cluster.config import LeaderConfig, key_names  # noqa: E402
+from walrep.cluster.procs import NodeProcess, free_ports, walrep_command  # noqa: E402
+from walrep.node import format as fmt  # noqa: E402
 
 KINDS = (
     "kill-leader",

@@ -78,9 +78,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import node  # noqa: E402
-from cluster.config import parse_ack  # noqa: E402
-from cluster.loadgen import payload_for  # noqa: E402
+from walrep import node  # noqa: E402
+from walrep.cluster.config import parse_ack  # noqa: E402
+from walrep.cluster.loadgen import payload_for  # noqa: E402
 
 OUTCOMES = ("ok", "failed", "unknown")
 # What `walrep load` logs as "ack" when --ack was not given: the leader's default_ack.

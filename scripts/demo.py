@@ -14,13 +14,12 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from walrep import node
+from walrep.cluster import config as configmod
+from walrep.cluster import startup
+from walrep.cluster.procs import NodeProcess, wait_for, walrep_command
 
-import node  # noqa: E402
-from cluster import config as configmod  # noqa: E402
-from cluster import startup  # noqa: E402
-from cluster.procs import NodeProcess, wait_for, walrep_command  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DATA = os.path.join(ROOT, "demo-data")
 INGEST = "tcp://127.0.0.1:7100"

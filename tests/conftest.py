@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-import node
+from walrep import node
 
 # How long any single wait in a test may take before the test fails. Generous:
 # a loaded CI machine can take a second over an fsync.

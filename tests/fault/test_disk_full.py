@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-import node
-from cluster.procs import LocalCluster, wait_for, walrep_command
+from walrep import node
+from walrep.cluster.procs import LocalCluster, wait_for, walrep_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

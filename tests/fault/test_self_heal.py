@@ -14,9 +14,9 @@ import re
 
 import pytest
 
-import node
-from cluster.procs import LocalCluster, wait_for
-from node import format as fmt
+from walrep import node
+from walrep.cluster.procs import LocalCluster, wait_for
+from walrep.node import format as fmt
 
 SEGMENT_BYTES = 4096
 PAYLOAD = 100

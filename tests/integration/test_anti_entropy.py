@@ -16,9 +16,9 @@ import subprocess
 
 import pytest
 
-import node
-from cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
-from node import format as fmt
+from walrep import node
+from walrep.cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
+from walrep.node import format as fmt
 
 pytestmark = pytest.mark.timeout(300)
 

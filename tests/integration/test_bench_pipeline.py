@@ -10,17 +10,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+from bench_pipeline import Pipeline
 
-import node
-from cluster.loadgen import payload_for
-from cluster.procs import walrep_command
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
-
-from bench_pipeline import Pipeline  # noqa: E402
+from walrep import node
+from walrep.cluster.loadgen import payload_for
+from walrep.cluster.procs import walrep_command
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,9 +16,9 @@ import pytest
 import trio
 import zmq
 
-from cluster import wire
-from cluster.client import AppendUnknown, ClientError, open_client
-from cluster.procs import walrep_command
+from walrep.cluster import wire
+from walrep.cluster.client import AppendUnknown, ClientError, open_client
+from walrep.cluster.procs import walrep_command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -317,7 +317,7 @@ def test_a_timeout_that_is_not_positive_is_refused(timeout):
 
 @pytest.mark.parametrize("command", ["append", "load", "status", "verify", "forget-reader"])
 def test_every_command_refuses_a_timeout_that_is_not_positive(command, capsys):
-    from cluster.cli import main
+    from walrep.cluster.cli import main
 
     with pytest.raises(SystemExit) as exited:
         main([command, "--timeout", "0"])
@@ -329,7 +329,7 @@ def test_an_answer_past_its_deadline_does_not_wait():
     """A send that had to wait for room may finish at or after its request's deadline,
     when the expiry loop has already left that request out of its next wake-up: the
     wait must then end at once, not park until some later request's deadline."""
-    from cluster.client import _Answer
+    from walrep.cluster.client import _Answer
 
     async def main():
         answer = _Answer()

@@ -13,12 +13,12 @@ import pytest
 import trio
 import zmq
 
-import node
-from cluster import wire
-from cluster.admin import status as leader_status
-from cluster.client import AppendUnknown, open_client
-from cluster.loadgen import payload_for
-from cluster.procs import LocalCluster, wait_for, walrep_command
+from walrep import node
+from walrep.cluster import wire
+from walrep.cluster.admin import status as leader_status
+from walrep.cluster.client import AppendUnknown, open_client
+from walrep.cluster.loadgen import payload_for
+from walrep.cluster.procs import LocalCluster, wait_for, walrep_command
 
 pytestmark = pytest.mark.timeout(300)
 SIZE = 100

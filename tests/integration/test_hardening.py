@@ -15,9 +15,9 @@ import pytest
 import zmq
 from test_security import client_keys, keys, secure_cluster  # noqa: F401 (keys: a fixture)
 
-from cluster import wire
-from cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
-from cluster.security import client_options, load_public, load_secret
+from walrep.cluster import wire
+from walrep.cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
+from walrep.cluster.security import client_options, load_public, load_secret
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 import trio
 
-from cluster.admin import status as leader_status
-from cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
+from walrep.cluster.admin import status as leader_status
+from walrep.cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-import node
-from cluster.procs import LocalCluster, wait_for, walrep_command
+from walrep import node
+from walrep.cluster.procs import LocalCluster, wait_for, walrep_command
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -278,8 +278,8 @@ def test_garbage_on_every_leader_socket_is_logged_and_survived(cluster):
 def test_an_oversized_payload_is_refused_whole_and_takes_no_sequence(tmp_path):
     import zmq
 
-    from cluster import wire
-    from node import format as fmt
+    from walrep.cluster import wire
+    from walrep.node import format as fmt
 
     cluster = LocalCluster(str(tmp_path / "cluster"), readers=0)
     cluster.start()

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-import node
-from cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
+from walrep import node
+from walrep.cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
 
 pytestmark = pytest.mark.timeout(240)
 

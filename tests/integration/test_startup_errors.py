@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
-from cluster.wire import MAX_ID_BYTES
+from walrep.cluster.procs import LocalCluster, free_ports, wait_for, walrep_command
+from walrep.cluster.wire import MAX_ID_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 

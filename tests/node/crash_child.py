@@ -18,8 +18,8 @@ import random
 import sys
 import threading
 
-import node
-from node.reader import decode_frames
+from walrep import node
+from walrep.node.reader import decode_frames
 
 THREADS = 3
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-import node
-from cluster.verify import CHUNKS, DirSource, find_divergence
-from node import format as fmt
+from walrep import node
+from walrep.cluster.verify import CHUNKS, DirSource, find_divergence
+from walrep.node import format as fmt
 
 ENTRIES = 5_000
 NEWEST = 100

@@ -16,7 +16,7 @@ import shutil
 import pytest
 from walhelpers import ARC_VECTORS_DIR, file_bytes
 
-import node
+from walrep import node
 
 with open(os.path.join(ARC_VECTORS_DIR, "vectors.json")) as _f:
     VECTORS = json.load(_f)["vectors"]

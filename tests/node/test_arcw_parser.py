@@ -10,8 +10,8 @@ import msgpack
 import pytest
 from walhelpers import ARC_VECTORS_DIR, file_bytes, first_seq_of, payload_for, segment_paths
 
-import node
-from node import format as fmt
+from walrep import node
+from walrep.node import format as fmt
 
 
 def _write_every_kind(writer: node.Writer) -> None:

@@ -18,12 +18,12 @@ import types
 import pytest
 import walhelpers
 
-import node
-from node import format as fmt
-from node import writer
+from walrep import node
+from walrep.node import format as fmt
+from walrep.node import writer
 
 try:
-    from node import _scan
+    from walrep.node import _scan
 except ImportError:
     _scan = None
 

@@ -27,7 +27,7 @@ import arcw_parser
 import pytest
 from walhelpers import HERE, first_seq_of, read_all, segment_paths
 
-import node
+from walrep import node
 
 ROUNDS = 40
 WAIT_S = 20.0

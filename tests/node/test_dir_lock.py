@@ -18,7 +18,7 @@ import sys
 import pytest
 from walhelpers import file_bytes, payload_for, read_all, segment_paths
 
-import node
+from walrep import node
 
 WAIT_S = 20.0
 
@@ -26,7 +26,7 @@ WAIT_S = 20.0
 # directory until the parent kills it (or closes its stdin).
 CHILD = """
 import sys
-import node
+from walrep import node
 w = node.Writer(sys.argv[1])
 w.append_raw(b"child", durable=True, timeout=20)
 print("locked", w.current_sequence(), flush=True)

@@ -8,8 +8,8 @@ import shutil
 
 import msgpack
 
-import node
-from cluster.cli import main
+from walrep import node
+from walrep.cluster.cli import main
 
 VECTORS = os.path.join(os.path.dirname(__file__), "arc-wal")
 
@@ -90,7 +90,7 @@ def test_progress_goes_to_a_terminal_and_never_into_scripts(tmp_path):
     import select
     import subprocess
 
-    from cluster.procs import walrep_command
+    from walrep.cluster.procs import walrep_command
 
     wal_dir = str(tmp_path / "big")
     with node.Writer(wal_dir) as w:

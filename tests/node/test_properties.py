@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from walhelpers import file_bytes, read_all, segment_paths, write_bytes
 
-import node
+from walrep import node
 
 WAIT_S = 20.0
 SETTINGS = dict(

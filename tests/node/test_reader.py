@@ -22,8 +22,8 @@ from walhelpers import (
     write_bytes,
 )
 
-import node
-from node import format as fmt
+from walrep import node
+from walrep.node import format as fmt
 
 WAIT_S = 20.0
 
@@ -116,7 +116,7 @@ def test_read_frames_is_the_same_with_and_without_the_c_scan(wal, monkeypatch):
     # pure-Python loop has it, error text included.
     import random
 
-    from node import reader as reader_module
+    from walrep.node import reader as reader_module
 
     if reader_module._scan_fast is None:
         pytest.skip("node._scan is not built here")

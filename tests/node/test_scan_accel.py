@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 # The extension must build wherever the tests run (a compiler and Python's headers
 # are part of the test setup): it is imported outright, so a failed build fails here.
-from node import _scan, reader
-from node import format as fmt
+from walrep.node import _scan, reader
+from walrep.node import format as fmt
 
 FILE = "arc-00000000000000000001.wal"
 PURE = os.environ.get("WALREP_PURE_PYTHON", "") not in ("", "0")
@@ -60,7 +60,7 @@ def test_crc_matches_zlib(size):
 
 _CRC_SWEEP = """
 import os, zlib
-from node import _scan
+from walrep.node import _scan
 bad = []
 for size in [*range(0, 300), 511, 512, 513, 1000, 4095, 4096, 4097, 65536 + 3]:
     for offset in range(17):  # every alignment of a 16-byte load

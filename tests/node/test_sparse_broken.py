@@ -17,8 +17,8 @@ import sys
 import pytest
 from walhelpers import file_bytes, payload_for, read_all, segment_paths
 
-import node
-from node import format as fmt
+from walrep import node
+from walrep.node import format as fmt
 
 WAIT_S = 20.0
 MIB = 1024 * 1024
@@ -73,7 +73,7 @@ def test_a_gigabyte_hole_after_the_last_entry_is_cut_into_a_sparse_broken_file(w
 # Opens the Writer on argv[1] and reports its peak memory before and after, in KiB.
 MEASURE = """
 import json, resource, sys
-import node
+from walrep import node
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 w = node.Writer(sys.argv[1])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -7,10 +7,10 @@ import json
 import pytest
 import trio
 
-import node
-from cluster.cli import main
-from cluster.verify import DirSource, first_difference
-from node import format as fmt
+from walrep import node
+from walrep.cluster.cli import main
+from walrep.cluster.verify import DirSource, first_difference
+from walrep.node import format as fmt
 
 
 def copy_log(src: str, dst: str, *, change: dict[int, bytes] | None = None, upto=None) -> str:

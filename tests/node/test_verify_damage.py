@@ -11,8 +11,8 @@ import json
 import os
 import struct
 
-from cluster.cli import main
-from node import format as fmt
+from walrep.cluster.cli import main
+from walrep.node import format as fmt
 
 EXIT_DIFFER = 1
 EXIT_DAMAGE = 2

@@ -18,8 +18,8 @@ import msgpack
 import pytest
 from walhelpers import file_bytes, first_seq_of, payload_for, read_all, segment_paths
 
-import node
-from node import format as fmt
+from walrep import node
+from walrep.node import format as fmt
 
 WAIT_S = 20.0
 HUGE = fmt.MAX_PAYLOAD_BYTES + 1

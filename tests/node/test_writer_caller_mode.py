@@ -9,7 +9,7 @@ import time
 import pytest
 import walhelpers
 
-import node
+from walrep import node
 
 
 def _writer(tmp_path, **options) -> node.Writer:
@@ -64,7 +64,7 @@ def test_a_group_of_more_chunks_than_one_writev_takes_is_written_whole(tmp_path,
 
 
 def test_what_is_left_after_a_short_write():
-    from node.writer import _after
+    from walrep.node.writer import _after
 
     chunks = [b"abc", b"de", b"fgh"]
     assert [bytes(c) for c in _after(chunks, 0)] == [b"abc", b"de", b"fgh"]

@@ -7,7 +7,7 @@ import os
 
 import arcw_parser
 
-import node
+from walrep import node
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A copy of the seed system's WAL files and what its reader returned

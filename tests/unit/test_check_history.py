@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import node
-from cluster.loadgen import payload_for
-from node import format as fmt
+from walrep import node
+from walrep.cluster.loadgen import payload_for
+from walrep.node import format as fmt
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_history.py"
 _spec = importlib.util.spec_from_file_location("check_history", SCRIPT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import config as cfg
+from walrep.cluster import config as cfg
 
 
 def write(tmp_path, text: str) -> str:

@@ -12,8 +12,8 @@ import zlib
 import msgpack
 import pytest
 
-import node
-from node import format as fmt
+from walrep import node
+from walrep.node import format as fmt
 
 # vector2.wal, entry 1: AppendRaw of a columnar payload.
 SEED_TS_US = 1795592886095930

@@ -11,10 +11,10 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import config as cfg
-from cluster import security
-from node import format as fmt
-from node.reader import decode_frames, scan
+from walrep.cluster import config as cfg
+from walrep.cluster import security
+from walrep.node import format as fmt
+from walrep.node.reader import decode_frames, scan
 
 EXAMPLES = int(os.environ.get("WALREP_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,7 +137,7 @@ def test_zap_decisions_never_raise_and_refuse_unknown_keys(frames):
 
 def test_msgpack_limits_hold_for_a_huge_declared_length():
     # A bin32 header that claims 4 GiB: the wire decoder must refuse before allocating.
-    from cluster import wire
+    from walrep.cluster import wire
 
     bomb = msgpack.packb([1, "batch", {}])[:-1] + b"\x81\xa6frames\xc6\xff\xff\xff\xff"
     try:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cluster import protocol, wire
-from cluster.protocol import (
+from walrep.cluster import protocol, wire
+from walrep.cluster.protocol import (
     ACK_INTERVAL_S,
     ACK_KEEPALIVE_S,
     FETCH_CREDIT,
@@ -40,7 +40,7 @@ from cluster.protocol import (
     Send,
     StartLog,
 )
-from node.format import ENTRY_HEADER_BYTES, encode_entry
+from walrep.node.format import ENTRY_HEADER_BYTES, encode_entry
 
 LOG_ID = "log-0123"
 READER_ID = "reader-1"

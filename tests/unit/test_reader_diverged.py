@@ -7,9 +7,9 @@ that is not the leader's.
 
 from __future__ import annotations
 
-from cluster import wire
-from cluster.protocol import AppendRun, ReaderProtocol, ReaderState, Send
-from node.format import encode_entry
+from walrep.cluster import wire
+from walrep.cluster.protocol import AppendRun, ReaderProtocol, ReaderState, Send
+from walrep.node.format import encode_entry
 
 LOG_ID = "log-0123"
 BOOT_ID = "boot-1"

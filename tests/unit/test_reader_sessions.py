@@ -8,8 +8,8 @@ past what it has committed.
 
 from __future__ import annotations
 
-from cluster import wire
-from cluster.protocol import (
+from walrep.cluster import wire
+from walrep.cluster.protocol import (
     READER_SILENT_S,
     LeaderProtocol,
     Note,

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import wire
-from cluster.wire import BadMessage
-from node.format import encode_entry
+from walrep.cluster import wire
+from walrep.cluster.wire import BadMessage
+from walrep.node.format import encode_entry
 
 FRAMES = encode_entry(1_700_000_000_000_000, b"one") + encode_entry(1_700_000_000_000_001, b"two")
 

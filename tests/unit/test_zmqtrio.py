@@ -28,7 +28,7 @@ import trio
 import trio.testing
 import zmq
 
-from cluster.zmqtrio import TrioSocket, WouldBlock, make_socket
+from walrep.cluster.zmqtrio import TrioSocket, WouldBlock, make_socket
 
 LOOPBACK = "tcp://127.0.0.1:*"
 # Generous for single messages on loopback; a hang is what this catches.
