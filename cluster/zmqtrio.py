@@ -264,22 +264,10 @@ class TrioSocket:
         self._check_open()
         self._sock.connect(endpoint)
 
-    def unbind(self, endpoint: str) -> None:
-        self._check_open()
-        self._sock.unbind(endpoint)
-
-    def disconnect(self, endpoint: str) -> None:
-        self._check_open()
-        self._sock.disconnect(endpoint)
-
     def subscribe(self, prefix: bytes = b"") -> None:
         """SUB/XSUB: receive messages starting with ``prefix`` (all by default)."""
         self._check_open()
         self._sock.setsockopt(zmq.SUBSCRIBE, prefix)
-
-    def unsubscribe(self, prefix: bytes = b"") -> None:
-        self._check_open()
-        self._sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
 
     @property
     def last_endpoint(self) -> str:
