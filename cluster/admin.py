@@ -1,4 +1,4 @@
-"""Operator requests to a leader's control endpoint (forget-reader, status)."""
+"""Operator requests to a node's control endpoint: status (any node), forget-reader (the leader)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ async def request(
                 return wire.decode(await sock.recv())
             except wire.BadMessage as exc:
                 raise AdminError(f"{control} answered with a bad message: {exc}") from None
-        raise AdminError(f"no answer from {control} within {timeout} s (is the leader running?)")
+        raise AdminError(f"no answer from {control} within {timeout} s (is the node running?)")
     finally:
         sock.close()
         ctx.term()

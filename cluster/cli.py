@@ -2,7 +2,7 @@
 
 Exit statuses: 0 success, 1 usage or I/O error, 2 a config, flag value or WAL
 directory that cannot work as given (a node that cannot start), 3 (dump) damage
-found in a log.
+found in a log. verify and check-history keep their own (see their --help).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from walrep import node
 from walrep.node import format as fmt
 
 from . import config as configmod
-from . import startup
+from . import history, startup
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -121,17 +121,75 @@ class _Parser(argparse.ArgumentParser):
         self.exit(self.usage_exit_status, f"{self.prog}: error: {message}\n")
 
 
+# The help line of each config key's flag (README, "Running a cluster", says more);
+# _ROLE_HELP holds the keys whose meaning differs by role. A key with no line here
+# fails tests/unit/test_cli_help.py.
+_KEY_HELP = {
+    "wal_dir": "directory of this node's WAL (required)",
+    "sync_mode": "how a commit reaches the disk: fsync, fdatasync or async",
+    "writer_thread": "commit on a writer thread instead of in the event loop: slower "
+    "commits, but a disk that stalls then stalls only the commits",
+    "buffer_entries": "the WAL's in-memory queue, in entries; when it is full, clients wait",
+    "max_segment_bytes": "segment rotation size, in bytes",
+    "metrics": "HOST:PORT to serve Prometheus metrics on (default: off)",
+    "log_json": "log JSON lines instead of key=value text",
+    "log_level": "debug, info, warning or error",
+    "insecure": "bind addresses other than loopback without CURVE keys (unencrypted)",
+    # Leader keys.
+    "ingest": "clients append here (ROUTER)",
+    "publish": "the live stream to readers (PUB)",
+    "default_ack": "ack level of appends that name none: " + configmod.ACK_LEVELS_HELP,
+    "publish_hwm": "messages queued per subscriber before the PUB drops them (readers then fetch)",
+    "max_subscribers": "connections the publish socket takes at once; more are refused",
+    "max_retained_bytes": "purge older segments past this many retained bytes even if a "
+    "reader needs them (0: no bound)",
+    "max_retained_age_s": "purge segments last written this many seconds ago even if a "
+    "reader needs them (0: no bound)",
+    "purge_without_readers": "with no reader known, purge replicated segments anyway "
+    "(default: keep them all)",
+    "allow_readers": "public keys readers may connect with: a .pub file or a directory",
+    "allow_clients": "public keys clients may append with: a .pub file or a directory",
+    # Reader keys.
+    "leader_publish": "the leader's publish endpoint",
+    "leader_control": "the leader's control endpoint",
+    "receive_hwm": "messages the SUB socket queues before dropping them (gaps are fetched)",
+    "anti_entropy_interval_s": "seconds between background comparisons with the leader's "
+    "log (0: off)",
+    "leader_key": "the leader's public key file (.pub)",
+    "resync": "discard this reader's log and start again from the leader's earliest entry",
+}
+_ROLE_HELP = {
+    configmod.LeaderConfig: {
+        "id": "the leader's name in walrep status",
+        "control": "readers hand-shake, fetch and ack here, and walrep status and verify "
+        "ask here (ROUTER)",
+        "key": "the leader's CURVE secret key file (walrep keygen)",
+    },
+    configmod.ReaderConfig: {
+        "id": "this reader's id, unique in its cluster (required)",
+        "control": "bind a control endpoint answering walrep verify and walrep status "
+        "(default: none)",
+        "key": "this reader's CURVE secret key file (walrep keygen)",
+    },
+}
+
+
 def _config_flags(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config; flags override its keys")
     defaults = cls()
     for key in configmod.key_names(cls):
         flag = "--" + key.replace("_", "-")
         default = getattr(defaults, key)
+        text = _ROLE_HELP[cls].get(key) or _KEY_HELP.get(key)
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=key, action="store_const", const=True, default=None)
-        else:
             parser.add_argument(
-                flag, dest=key, type=type(default), default=None, metavar=key.upper()
+                flag, dest=key, action="store_const", const=True, default=None, help=text
+            )
+        else:
+            if text is not None and default not in ("", None) and "default" not in text:
+                text += f"; default {default}"
+            parser.add_argument(
+                flag, dest=key, type=type(default), default=None, metavar=key.upper(), help=text
             )
 
 
@@ -395,13 +453,29 @@ def _key_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="walrep", description="A replicated write-ahead log.")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=_Parser,
+        help="one of these; walrep COMMAND --help gives its flags",
     )
 
     dump = sub.add_parser("dump", help="print the entries of a WAL directory or file")
     dump.add_argument("path", help="a WAL directory or one .wal file")
-    dump.add_argument("--from-seq", type=_positive_int, default=None, metavar="N")
-    dump.add_argument("--to-seq", type=_positive_int, default=None, metavar="M")
+    dump.add_argument(
+        "--from-seq",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="the first sequence to print (default: the first held)",
+    )
+    dump.add_argument(
+        "--to-seq",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="the last sequence to print (default: the last held)",
+    )
     dump.add_argument("--json", action="store_true", help="one JSON object per line")
     dump.set_defaults(func=cmd_dump)
 
@@ -422,7 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
     )
     append.add_argument(
-        "--timeout", type=_positive_seconds, default=10.0, help="seconds (default 10)"
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to wait for the leader's answer (default 10)",
     )
     append.add_argument(
         "--retries",
@@ -438,11 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser(
         "forget-reader", help="stop retaining the leader's log for a reader that is gone"
     )
-    forget.add_argument("reader_id", metavar="ID")
+    forget.add_argument("reader_id", metavar="ID", help="the id of the reader that is gone")
     forget.add_argument(
         "--control", required=True, metavar="EP", help="the leader's control endpoint"
     )
-    forget.add_argument("--timeout", type=_positive_seconds, default=10.0)
+    forget.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to wait for the leader's answer (default 10)",
+    )
     _key_flags(forget)
     forget.set_defaults(func=cmd_forget_reader)
 
@@ -456,16 +538,39 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "a", metavar="A", help="a WAL directory or a node's tcp:// control endpoint"
     )
-    verify.add_argument("b", metavar="B")
-    verify.add_argument("--from-seq", type=_positive_int, default=None, metavar="N")
-    verify.add_argument("--to-seq", type=_positive_int, default=None, metavar="M")
-    verify.add_argument("--timeout", type=_positive_seconds, default=30.0)
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument(
+        "b", metavar="B", help="the other log: a WAL directory or a tcp:// control endpoint"
+    )
+    verify.add_argument(
+        "--from-seq",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="compare from this sequence (default: the first both logs hold)",
+    )
+    verify.add_argument(
+        "--to-seq",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="compare up to this sequence (default: the last of the longer log)",
+    )
+    verify.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=30.0,
+        help="seconds to wait for each answer of a node asked over tcp:// (default 30)",
+    )
+    verify.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: holds, missing, first_difference, damage",
+    )
     _key_flags(verify)
     verify.set_defaults(func=cmd_verify)
 
     check = sub.add_parser("check-config", help="check a leader or reader config file")
-    check.add_argument("file", metavar="FILE")
+    check.add_argument("file", metavar="FILE", help="the TOML config file to check")
     check.add_argument(
         "--role",
         choices=["leader", "reader"],
@@ -476,24 +581,60 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     keygen = sub.add_parser("keygen", help="write a CURVE key pair: PREFIX.key and PREFIX.pub")
-    keygen.add_argument("prefix", metavar="PREFIX")
+    keygen.add_argument(
+        "prefix", metavar="PREFIX", help="path and name of the key files, without .key/.pub"
+    )
     keygen.set_defaults(func=cmd_keygen)
 
-    status = sub.add_parser("status", help="every node's position, lag and state")
+    status = sub.add_parser(
+        "status",
+        help="every node's position, lag and state",
+        description="A node's view of the cluster: asked at the leader's control endpoint, "
+        "every node's position, lag and state; at a reader's, that reader's own.",
+    )
     status.add_argument(
-        "--control", required=True, metavar="EP", help="the leader's control endpoint"
+        "--control",
+        required=True,
+        metavar="EP",
+        help="any node's control endpoint: the leader's (every node) or a reader's "
+        "(that reader alone)",
     )
     status.add_argument("--json", action="store_true", help="one JSON object with a nodes list")
-    status.add_argument("--timeout", type=_positive_seconds, default=10.0)
+    status.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to wait for the node's answer (default 10)",
+    )
     _key_flags(status)
     status.set_defaults(func=cmd_status)
 
     load = sub.add_parser("load", help="generate load against a leader")
-    load.add_argument("--ingest", required=True, metavar="EP")
-    load.add_argument("--count", type=_positive_int, required=True, metavar="N")
-    load.add_argument("--size", type=_positive_int, default=100, metavar="BYTES")
-    load.add_argument("--batch", type=_positive_int, default=100, metavar="K")
-    load.add_argument("--rate", type=float, default=None, metavar="R", help="entries/s")
+    load.add_argument("--ingest", required=True, metavar="EP", help="the leader's ingest endpoint")
+    load.add_argument(
+        "--count", type=_positive_int, required=True, metavar="N", help="entries to append"
+    )
+    load.add_argument(
+        "--size",
+        type=_positive_int,
+        default=100,
+        metavar="BYTES",
+        help="payload bytes per entry (default 100)",
+    )
+    load.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=100,
+        metavar="K",
+        help="entries per request (default 100)",
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="entries/s to pace to (default: as fast as the leader takes them)",
+    )
     load.add_argument(
         "--inflight",
         type=_positive_int,
@@ -504,7 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--ack", default=None, help=configmod.ACK_LEVELS_HELP + " (default: the leader's)"
     )
-    load.add_argument("--timeout", type=_positive_seconds, default=10.0)
+    load.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to wait for a request's answer before its outcome is unknown (default 10)",
+    )
     load.add_argument(
         "--retries",
         type=int,
@@ -521,6 +667,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--summary", default=None, metavar="FILE", help="totals as JSON")
     _key_flags(load)
     load.set_defaults(func=cmd_load)
+
+    checker = sub.add_parser(
+        "check-history",
+        help="check walrep load --log histories against the final WAL of every node",
+        description=history.DESCRIPTION,
+        epilog=history.EPILOG,
+    )
+    checker.usage_exit_status = history.EXIT_USAGE
+    history.add_arguments(checker)
+    checker.set_defaults(func=history.run)
     return parser
 
 

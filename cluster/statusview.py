@@ -1,4 +1,8 @@
-"""`walrep status`: the leader's view of every node, as a table or stable JSON."""
+"""`walrep status`: a node's view, as a table or stable JSON.
+
+Asked at the leader's control endpoint, the status holds every node and a log-wide
+footer; at a reader's, that reader alone.
+"""
 
 from __future__ import annotations
 

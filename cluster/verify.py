@@ -14,7 +14,8 @@ newest segment, as a crash or a writer caught mid-append leaves it) is where a
 log ends, not damage.
 
 The reader's anti-entropy runs the same search against its leader
-(find_divergence). This module reads logs and never repairs or writes them.
+(find_divergence), and the history checker the same bisection (cluster.bisection)
+on directories. This module reads logs and never repairs or writes them.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import trio
 
 from walrep import node
 from walrep.node import format as fmt
-from walrep.node.reader import read_file_bytes, scan
+from walrep.node.reader import scan
 
-from . import wire, zmqtrio
+from . import bisection, wire, zmqtrio
 
+# Each step of a descent is a round trip to a node: 16 chunks a step keep them few
+# (a million entries take five steps), and each log is still read about twice.
 CHUNKS = 16
 # Ranges at most this long are compared entry by entry (one digest per sequence).
 LEAF_ENTRIES = 16
@@ -156,7 +159,8 @@ class DirSource:
                 # because a damaged entry before it makes its place uncertain: the side
                 # holds it (the damage is reported), a torn tail after it it does not.
                 newest = segments[-1]
-                data = read_file_bytes(newest.path)
+                with open(newest.path, "rb") as f:
+                    data = f.read()
                 good: list = []
                 if fmt.check_file_header(data) is None:
                     scan(data, newest.path, newest.first_seq, out=good)
@@ -334,25 +338,18 @@ class _Counter:
 async def first_difference(
     a: LogSource, b: LogSource, lo: int, hi: int, *, progress=None
 ) -> tuple[int | None, int]:
-    """The first sequence in lo..hi where a and b differ (or one lacks it); and digests asked."""
+    """The first sequence in lo..hi where a and b differ (or one lacks it); and digests asked.
+
+    The bisection is cluster.bisection's, each range answered by both sides' digests.
+    """
     counter = _Counter(a, b, progress)
-    if await counter.same(lo, hi):
-        return None, counter.asked
-    while hi - lo + 1 > LEAF_ENTRIES:
-        step = -(-(hi - lo + 1) // CHUNKS)
-        for start in range(lo, hi + 1, step):
-            end = min(hi, start + step - 1)
-            if not await counter.same(start, end):
-                lo, hi = start, end
-                break
-        else:
-            # Every chunk agrees although the whole did not: cannot happen with a
-            # deterministic digest unless a log changed while we read it.
-            raise VerifyError("the logs changed while they were compared; run verify again")
-    for seq in range(lo, hi + 1):
-        if not await counter.same(seq, seq):
-            return seq, counter.asked
-    raise VerifyError("the logs changed while they were compared; run verify again")
+    steps = bisection.descend(lo, hi, chunks=CHUNKS, leaf_entries=LEAF_ENTRIES)
+    try:
+        asked = next(steps)
+        while True:
+            asked = steps.send(await counter.same(*asked))
+    except StopIteration as done:
+        return done.value, counter.asked
 
 
 @dataclass
@@ -371,6 +368,8 @@ async def _classify(a: LogSource, b: LogSource, seq: int) -> list[Damage]:
     """Why the digests of seq differ: [] for a real difference, else the damage there."""
     digests = [await a.digest(seq, seq), await b.digest(seq, seq)]
     if None not in digests:
+        # The bisection may have found seq without asking it (see bisection.descend):
+        # equal here means a log changed while the two were compared.
         if digests[0] == digests[1]:
             raise VerifyError("the logs changed while they were compared; run verify again")
         return []

@@ -6,73 +6,36 @@ Root only: the WAL lives on a small tmpfs that the test fills with a file and th
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from walrep import node
+from walrep.cluster import faults
+from walrep.cluster import history as checker
 from walrep.cluster.procs import LocalCluster, wait_for, walrep_command
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import check_history  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to mount a small tmpfs as the WAL's file system"
 )
-
-
-class Tmpfs:
-    def __init__(self, path: str, size: str):
-        self.path = path
-        os.makedirs(path, exist_ok=True)
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-        self.filler = os.path.join(path, "filler")
-
-    def fill(self) -> int:
-        """Write a file until the file system is full; the bytes written."""
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        written = 0
-        try:
-            for chunk in (1 << 16, 1 << 12, 1 << 9):
-                block = b"\0" * chunk
-                while True:
-                    try:
-                        written += os.write(fd, block)
-                    except OSError as exc:
-                        assert exc.errno == errno.ENOSPC
-                        break
-        finally:
-            os.close(fd)
-        return written
-
-    def free(self) -> None:
-        os.unlink(self.filler)
-
-    def unmount(self) -> None:
-        if subprocess.run(["umount", self.path], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", self.path], capture_output=True)
+# Ever smaller writes, down to 512 bytes: no free space is left for the writer.
+FILL_CHUNKS = (1 << 16, 1 << 12, 1 << 9)
 
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    mounts: list[Tmpfs] = []
+    """make(name, size): a tmpfs mounted under tmp_path (faults.Tmpfs), unmounted after."""
+    mounts: list[faults.Tmpfs] = []
 
-    def make(name: str, size: str) -> Tmpfs:
-        fs = Tmpfs(str(tmp_path / name), size)
+    def make(name: str, size: str) -> faults.Tmpfs:
+        fs = faults.Tmpfs(str(tmp_path / name), size)
+        try:
+            fs.mount()
+        except faults.CannotRun as exc:
+            pytest.skip(f"cannot mount a tmpfs: {exc}")
         mounts.append(fs)
         return fs
 
@@ -95,7 +58,7 @@ def test_writer_waits_on_a_full_disk_and_resumes_even_across_a_rotation(tmpfs):
         while os.path.getsize(w.current_file()) < w.max_size_bytes:
             seq = w.append_raw(payload, durable=True, timeout=10)
         segments_before = len(w.segments())
-        assert fs.fill() > 0
+        assert fs.fill(FILL_CHUNKS) > 0
 
         done: dict[str, object] = {}
 
@@ -139,7 +102,7 @@ def test_caller_mode_writer_keeps_its_queue_on_a_full_disk_and_a_later_flush_wri
     w = node.Writer(wal_dir, background=False)
     try:
         seq = w.append_raw(payload, durable=True, timeout=10)
-        assert fs.fill() > 0
+        assert fs.fill(FILL_CHUNKS) > 0
         queued = [w.append_raw_nowait(payload) for _ in range(20)]
         assert w.flush() == seq  # nothing more is durable, and nothing is lost
         assert w.stats().write_errors == 1
@@ -214,7 +177,7 @@ def test_leader_on_a_full_disk_waits_loses_nothing_and_resumes(tmp_path, tmpfs):
             text=True,
         )
         wait_for(lambda: cluster.leader.last_seq() > 4000, 30, "the load to get going")
-        fs.fill()
+        fs.fill(FILL_CHUNKS)
         wait_for(
             lambda: "No space left on device" in cluster.leader.log_text(),
             20,
@@ -232,7 +195,7 @@ def test_leader_on_a_full_disk_waits_loses_nothing_and_resumes(tmp_path, tmpfs):
         output, _ = load.communicate(timeout=120)
         assert cluster.leader.running(), cluster.leader.log_text()[-3000:]
         cluster.wait_converged(timeout=60)
-        verdict = check_history.check(
+        verdict = checker.check(
             [history],
             {"leader": cluster.leader.wal_dir, "reader-1": cluster.reader_nodes[0].wal_dir},
             size=100,

@@ -1,4 +1,5 @@
-"""scripts/check_history.py against small WAL directories written for real with node.Writer.
+"""The history checker (walrep.cluster.history, `walrep check-history`) against small WAL
+directories written for real with node.Writer.
 
 Each violation test builds logs and a history that hold exactly that violation
 (and says so when one fault is, by definition, two kinds: a reader that diverges
@@ -7,9 +8,9 @@ from the leader has also not converged).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -18,14 +19,10 @@ from pathlib import Path
 import pytest
 
 from walrep import node
+from walrep.cluster import cli
+from walrep.cluster import history as ch
 from walrep.cluster.loadgen import payload_for
 from walrep.node import format as fmt
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_history.py"
-_spec = importlib.util.spec_from_file_location("check_history", SCRIPT)
-ch = importlib.util.module_from_spec(_spec)
-sys.modules["check_history"] = ch
-_spec.loader.exec_module(ch)
 
 SIZE = 40
 
@@ -325,7 +322,7 @@ def test_a_divergent_reader_is_found_at_its_exact_seq_by_bisection(tmp_path):
     [nc] = verdict.not_converged
     assert (nc.node, nc.kind) == ("reader-1", "diverged") and str(bad) in nc.detail
 
-    digests = ch._Digests()
+    digests = ch.Digests()
     assert ch.first_divergence(leader, reader, 1, n, digests) == bad
     assert digests.calls <= 2 * (n.bit_length() + 1)  # 2 nodes x (whole range + one per halving)
     assert ch.first_divergence(leader, reader, 1, bad - 1) is None
@@ -472,3 +469,29 @@ def test_command_line_exit_status_and_json(tmp_path, cluster, capsys):
     argv = ["--history", ok_hist, *node_args, "--healed-at", "5", "--reached", "reader-1=6.5"]
     assert ch.main([*argv, "--reached", "reader-2=5.25", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["convergence"]["seconds"] == 1.5
+
+
+def test_walrep_check_history_and_the_script_are_the_same_command(tmp_path, cluster, capsys):
+    nodes, _ = cluster
+    node_args = [f"--node={n}={d}" for n, d in nodes.items()]
+    lost_hist = history(tmp_path / "lost.jsonl", acked(range(11)))
+    ok_hist = history(tmp_path / "ok.jsonl", acked(range(10)))
+    for argv, status in [
+        (["--history", ok_hist, *node_args], 0),
+        (["--history", lost_hist, *node_args, "--json"], 1),
+        (["--history", lost_hist, "--node", "leader=" + str(tmp_path / "absent")], 2),
+    ]:
+        assert ch.main(argv) == status, argv
+        direct = capsys.readouterr()
+        assert cli.main(["check-history", *argv]) == status, argv
+        assert capsys.readouterr() == direct
+    with pytest.raises(SystemExit) as info:
+        cli.main(["check-history", *node_args])  # no --history: a usage error, 2
+    assert info.value.code == 2
+    capsys.readouterr()
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "check_history.py"
+    argv = ["--history", lost_hist, *node_args]
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    assert cli.main(["check-history", *argv]) == proc.returncode == 1
+    assert capsys.readouterr().out == proc.stdout
