@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 
-from walrep.node.dirsync import ensure_private_dir
+from walrep.node.files import ensure_private_dir
 
 from .config import ConfigError, LeaderConfig, endpoint_address
 

@@ -19,7 +19,12 @@ walrep names segments by the sequence of their first entry
 entry *i* of a segment has sequence ``base + i``. The seed names its files by time
 (``arc-20261125_074806.093906951.wal``): those read fine but carry no sequence.
 
-This module must never open a file: the writer, reader and recovery do that.
+Damage has one description, Problem (kind, file, offset, sequence), which the
+reader reports, and one exception per kind, which Problem.error() builds for the
+callers that must refuse damage instead.
+
+This module must never open a file: the writer, repair, reader, recovery and files
+modules do that.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,31 +207,107 @@ def is_wal_file_name(name: str) -> bool:
     return name.endswith(SEGMENT_SUFFIX) and not name.startswith(".")
 
 
-# --- scanning a buffer of entries -------------------------------------------------
+# --- damage: where it is (Problem) and as exceptions (WALDamage) ---------------
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """Something wrong in a WAL file, with where it is.
+    """Something wrong in a WAL file (or a run of frames), with where it is.
 
-    kind: "torn-tail" (an incomplete last entry, as a crash leaves it),
-    "crc-mismatch" (a complete entry whose payload does not match its CRC),
-    "bad-length" (a length no entry can have: the rest of the file is lost),
-    "bad-header" (the file header is not ARCW v1 with CRC-32).
-    sequence is the sequence the damaged entry would have had (None when the
-    file's name carries no sequence).
+    kind is one of:
+
+    - "torn-tail": the newest segment ends inside an entry (a partial header or
+      payload, a zero-filled end, or a last entry failing its CRC), as a crash leaves
+      it; the writer cuts it on open. For a run of frames: the run ends inside one.
+    - "truncated": the same in a sealed segment, where no crash can explain it.
+    - "crc-mismatch": a complete entry whose payload does not match its CRC.
+    - "bad-length": a length no entry can have; the rest of the file is lost.
+    - "bad-header": the file header is not ARCW v1 with CRC-32.
+    - "unplaceable": entries after a CRC mismatch whose sequences are uncertain (the
+      damaged entry's length may be wrong too), withheld.
+    - "count-mismatch": a sealed segment holds fewer or more entries than the next
+      segment's name says.
+
+    file is None for a run of frames that is not a file (one received from a peer).
+    sequence is the sequence the damaged entry would have had (None when the file's
+    name carries no sequence).
     """
 
     kind: str
-    file: str
+    file: str | None
     offset: int
     sequence: int | None
     detail: str
     lost_bytes: int = 0
 
     def __str__(self) -> str:
+        where = "a run of frames" if self.file is None else self.file
         seq = "?" if self.sequence is None else str(self.sequence)
-        return f"{self.kind} in {self.file} at offset {self.offset} (sequence {seq}): {self.detail}"
+        return f"{self.kind} in {where} at offset {self.offset} (sequence {seq}): {self.detail}"
+
+    def error(self) -> WALDamage:
+        """The problem as an exception to raise, of the type its kind names."""
+        return _DAMAGE_TYPES.get(self.kind, WALDamage)(
+            self.file, self.offset, self.sequence, self.detail
+        )
+
+
+# --- damage as exceptions ---------------------------------------------------------
+
+
+class WALDamage(WALError):
+    """Damaged bytes where an operation needs good ones: a fetch, a replicated run, a
+    writer's open. path is the file (None for a run of frames received from a peer),
+    offset the byte where the damaged entry (or header) starts, seq the entry's
+    sequence (None when unknown), detail what is wrong. Built by Problem.error(), the
+    one place that turns damage into an exception."""
+
+    kind = "damage"  # the Problem kind it stands for
+    what = "damage"  # the same, for the message
+
+    def __init__(self, path: str | None, offset: int, seq: int | None, detail: str):
+        where = "a run of frames" if path is None else path
+        seq_text = "?" if seq is None else str(seq)
+        super().__init__(
+            f"{self.what} in {where} at offset {offset} (sequence {seq_text}): {detail}"
+        )
+        self.path = path
+        self.offset = offset
+        self.seq = seq
+        self.detail = detail
+
+
+class CRCMismatch(WALDamage):
+    """A complete entry whose payload does not match its CRC."""
+
+    kind = "crc-mismatch"
+    what = "CRC mismatch"
+
+
+class TornTail(WALDamage):
+    """The bytes end inside an entry: a partial header or payload."""
+
+    kind = "torn-tail"
+    what = "torn tail"
+
+
+class BadLength(WALDamage):
+    """An entry declares a length no entry can have (over MAX_PAYLOAD_BYTES)."""
+
+    kind = "bad-length"
+    what = "impossible length"
+
+
+class BadHeader(WALDamage):
+    """A file header that is not ARCW v1 with CRC-32."""
+
+    kind = "bad-header"
+    what = "bad file header"
+
+
+_DAMAGE_TYPES: dict[str, type[WALDamage]] = {
+    t.kind: t for t in (CRCMismatch, TornTail, BadLength, BadHeader)
+}
 
 
 def check_file_header(data: bytes) -> str | None:
@@ -247,6 +329,124 @@ def is_all_zero(data, start: int) -> bool:
     return not any(view) if len(view) < 4096 else view.tobytes().count(0) == len(view)
 
 
+# --- walking a run of frames -------------------------------------------------------
+
+# What walk_frames() says of each frame it reaches. The first three are whole frames
+# and the walk goes on after them; the last three end the walk, since nothing after
+# them can be located.
+FRAME = 0  # whole; its CRC was not checked
+GOOD = 1  # whole, and its payload matches its CRC
+CRC_MISMATCH = 2  # whole, and its payload does not match its CRC
+PARTIAL_HEADER = 3  # fewer than ENTRY_HEADER_BYTES bytes left
+BAD_LENGTH = 4  # a length over max_length
+PAST_END = 5  # the payload runs past the end of the data
+# A length that max_length never refuses: for the walks by length alone, which (as
+# their C twins) step over whatever a length says.
+ANY_LENGTH = 0xFFFFFFFF
+
+_unpack_header = ENTRY_HEADER.unpack_from
+_HEADER = ENTRY_HEADER_BYTES
+
+Frame = tuple[int, int, int | None, int | None, Any]
+
+
+def walk_frames(
+    data,
+    pos: int = 0,
+    *,
+    limit: int | None = None,
+    until: int | None = None,
+    verify_from: int | None = None,
+    max_length: int = MAX_PAYLOAD_BYTES,
+) -> Iterator[Frame]:
+    """Step through the entries (frames) of data from byte pos: the one Python walk of
+    the frame layout, under the reader's scan and fetches, the checks of a replicated
+    run, and batch splitting. node/_scan.c is its C twin, called first wherever it
+    was built; this walk then goes on from where the C code stopped.
+
+    Yields ``(status, pos, end, timestamp, payload)`` for each frame reached: its
+    offset, the offset just past it (None after a partial header), its header's
+    timestamp, and, for a frame whose CRC was checked, its payload (``data[pos + 16 :
+    end]``, which the check needed anyway). Frames from number ``verify_from`` on
+    (counting from 0 at pos) are checked: GOOD or CRC_MISMATCH; the others, and every
+    frame when verify_from is None, are FRAME.
+
+    The walk ends at the end of data; before a frame that starts at or past ``until``;
+    after ``limit`` frames; or with the frame it cannot step over (PARTIAL_HEADER,
+    BAD_LENGTH, PAST_END), which it yields last. What a status means (damage, a torn
+    tail, bytes not yet read) is the caller's to judge.
+    """
+    size = len(data)
+    stop = size if until is None else min(size, until)
+    unpack = _unpack_header
+    check = crc32
+    # Frames to pass before checking CRCs: more than data can hold means never.
+    unchecked = size if verify_from is None else verify_from
+    for _ in range(size if limit is None else limit):
+        if pos >= stop:
+            return
+        if size - pos < _HEADER:
+            yield PARTIAL_HEADER, pos, None, None, None
+            return
+        length, timestamp, crc = unpack(data, pos)
+        end = pos + _HEADER + length
+        if length > max_length:
+            yield BAD_LENGTH, pos, end, timestamp, None
+            return
+        if end > size:
+            yield PAST_END, pos, end, timestamp, None
+            return
+        if unchecked:
+            unchecked -= 1
+            yield FRAME, pos, end, timestamp, None
+        else:
+            payload = data[pos + _HEADER : end]
+            yield GOOD if check(payload) == crc else CRC_MISMATCH, pos, end, timestamp, payload
+        pos = end
+
+
+def frame_detail(status: int, data, pos: int, end: int | None) -> str:
+    """What walk_frames() found wrong with the frame at pos, in words."""
+    if status == PARTIAL_HEADER:
+        return "partial entry header"
+    length = end - pos - _HEADER
+    if status == BAD_LENGTH:
+        return f"entry declares {length} bytes, more than the {MAX_PAYLOAD_BYTES}-byte maximum"
+    if status == PAST_END:
+        return f"entry of {length} bytes, only {len(data) - pos - _HEADER} present"
+    if status == CRC_MISMATCH:
+        stored = _unpack_header(data, pos)[2]
+        actual = crc32(memoryview(data)[pos + _HEADER : end])
+        return f"stored CRC {stored:08x}, payload of {length} bytes has {actual:08x}"
+    raise ValueError(f"walk status {status} is not damage")
+
+
+# The Problem kind of each damaged frame in a run of frames: a run that ends inside an
+# entry was cut short, whatever cut it.
+_RUN_DAMAGE_KINDS = {
+    PARTIAL_HEADER: "torn-tail",
+    PAST_END: "torn-tail",
+    BAD_LENGTH: "bad-length",
+    CRC_MISMATCH: "crc-mismatch",
+}
+
+
+def frame_problem(
+    status: int,
+    data,
+    pos: int,
+    end: int | None,
+    *,
+    file: str | None,
+    seq: int | None,
+    offset: int = 0,
+) -> Problem:
+    """The Problem of a damaged frame that walk_frames() found at pos in a run of frames
+    starting at byte offset of file (None: a run that is not in a file)."""
+    detail = frame_detail(status, data, pos, end)
+    return Problem(_RUN_DAMAGE_KINDS[status], file, offset + pos, seq, detail)
+
+
 # The C walks of frames_offset() and split_frames() (node/_scan.c), when it was built.
 # As in node.reader, WALREP_PURE_PYTHON=1 (read at import) or setting these to None
 # forces pure Python.
@@ -264,18 +464,24 @@ def frames_offset(data: bytes, skip: int) -> int:
     and to check that a run holds exactly its count). Reads lengths only."""
     if _frames_offset_fast is not None:
         pos = _frames_offset_fast(data, skip)
-        if pos < 0:
-            raise WALError(f"run of frames ends before frame {skip}")
-        return pos
-    pos = 0
-    for _ in range(skip):
-        if len(data) - pos < ENTRY_HEADER_BYTES:
-            raise WALError(f"run of frames ends before frame {skip}")
-        (length,) = struct.unpack_from(">I", data, pos)
-        pos += ENTRY_HEADER_BYTES + length
-    if pos > len(data):
+    else:
+        pos = _frames_offset(data, skip)
+    if pos < 0:
         raise WALError(f"run of frames ends before frame {skip}")
     return pos
+
+
+def _frames_offset(data, skip: int) -> int:
+    """The pure-Python frames_offset of node/_scan.c: -1 when the run ends before it."""
+    pos = taken = 0
+    for status, _pos, end, _timestamp, _payload in walk_frames(
+        data, limit=max(skip, 0), max_length=ANY_LENGTH
+    ):
+        if status != FRAME:
+            return -1
+        pos = end
+        taken += 1
+    return pos if taken == max(skip, 0) else -1
 
 
 def split_frames(data: bytes, first_seq: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
@@ -300,16 +506,14 @@ def split_frames(data: bytes, first_seq: int, max_bytes: int) -> list[tuple[int,
 def _split_points(data: bytes, max_bytes: int) -> list[tuple[int, int]]:
     """The pure-Python split_points of node/_scan.c: [(count, end), ...]."""
     points = []
-    start = pos = count = entry = 0
+    start = count = 0
     size = len(data)
-    while pos < size:
-        length = struct.unpack_from(">I", data, pos)[0] if size - pos >= 4 else 0
-        if size - pos < ENTRY_HEADER_BYTES or size - pos - ENTRY_HEADER_BYTES < length:
+    for status, pos, end, _timestamp, _payload in walk_frames(data, max_length=ANY_LENGTH):
+        if status != FRAME:
+            entry = sum(n for n, _end in points) + count
             raise ValueError(f"run of frames ends inside entry {entry} (at byte {pos} of {size})")
-        pos += ENTRY_HEADER_BYTES + length
         count += 1
-        entry += 1
-        if pos - start >= max_bytes or pos == size:
-            points.append((count, pos))
-            start, count = pos, 0
+        if end - start >= max_bytes or end == size:
+            points.append((count, end))
+            start, count = end, 0
     return points

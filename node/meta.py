@@ -11,7 +11,7 @@ import os
 import secrets
 from typing import Any
 
-from .dirsync import sync_dir
+from .files import replace_atomically
 from .format import WALError
 
 META_FILE_NAME = "wal.meta"
@@ -50,16 +50,7 @@ def load_meta(wal_dir: str) -> dict[str, Any]:
 
 
 def save_meta(wal_dir: str, meta: dict[str, Any]) -> None:
-    path = meta_path(wal_dir)
-    temp = path + ".tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(meta, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    sync_dir(wal_dir)
+    replace_atomically(meta_path(wal_dir), json.dumps(meta, sort_keys=True).encode() + b"\n")
 
 
 def update_meta(wal_dir: str, **changes: Any) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """Reading WAL segments: entries by sequence, raw frames for replication, range digests.
 
-The reader never repairs anything (the writer cuts torn tails on open) and never
-returns damaged bytes as data: a CRC mismatch is reported with file, offset and
-sequence and the entry is skipped; a length that cannot be right ends the file,
-the rest reported lost. It may read a segment the writer is appending to, so
-callers that must not see half-written entries pass ``to_seq`` (the writer's
-committed sequence) and the scan stops there before looking further.
+The reader never repairs anything (node.repair cuts torn tails when a writer
+opens) and never returns damaged bytes as data: a CRC mismatch is reported with
+file, offset and sequence and the entry is skipped; a length that cannot be right
+ends the file, the rest reported lost. Where damage must be refused instead (a
+fetch, a run from a peer) it is raised as the format's named exception. It may
+read a segment the writer is appending to, so callers that must not see
+half-written entries pass ``to_seq`` (the writer's committed sequence) and the
+scan stops there before looking further.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 from . import format as fmt
 
 log = logging.getLogger("walrep.node.reader")
 
-_unpack_header = fmt.ENTRY_HEADER.unpack_from
 _HEADER = fmt.ENTRY_HEADER_BYTES
 _crc32 = fmt.crc32
-_MAX = fmt.MAX_PAYLOAD_BYTES
 SCAN_SLICE_ENTRIES = 8192
+# How much of a segment a seek by sequence reads at a time, walking the lengths.
+SEEK_CHUNK_BYTES = 64 * 1024
 
 # The C fast path of scan() and decode_frames() (node/_scan.c), when it was built:
 # it passes good entries and stops before anything the Python code must judge.
@@ -161,7 +163,6 @@ def scan(
     size = len(data)
     file_end = size if file_size is None else file_size
     skip_before = start_seq if (start_seq is not None and first_seq is not None) else 0
-    view = memoryview(data)
     add = out.append if out is not None else None
     fast = _scan_fast
     if fast is not None and not (
@@ -177,65 +178,54 @@ def scan(
             entries += passed
             if pos >= size:
                 break
-        if stop_seq is not None and seq is not None and seq > stop_seq:
-            return ScanEnd(pos, seq, entries, None)
-        if size - pos < _HEADER:
-            problem = _tail_problem(file_end, pos, file, seq, is_tail, "partial entry header")
-            return _end(pos, seq, entries, problem, on_problem)
-        length, timestamp, crc = _unpack_header(data, pos)
-        if length > _MAX:
-            problem = fmt.Problem(
-                "bad-length",
-                file,
-                pos,
-                seq,
-                f"entry declares {length} bytes, more than the {_MAX}-byte maximum; "
-                f"the remaining {file_end - pos} bytes of the file are lost",
-                file_end - pos,
-            )
-            return _end(pos, seq, entries, problem, on_problem)
-        end = pos + _HEADER + length
-        if end > size:
-            problem = _tail_problem(
-                file_end,
-                pos,
-                file,
-                seq,
-                is_tail,
-                f"entry of {length} bytes, only {size - pos - _HEADER} present",
-            )
-            return _end(pos, seq, entries, problem, on_problem)
-        if length == 0 and timestamp == 0 and fmt.is_all_zero(data, pos):
-            # A zeroed header is a file extended by a crash, not an empty entry.
-            problem = _tail_problem(file_end, pos, file, seq, is_tail, "zero-filled tail")
-            return _end(pos, seq, entries, problem, on_problem)
-        if not skip_before or seq >= skip_before:
-            if _crc32(view[pos + _HEADER : end]) != crc:
+        # Entries before skip_before are passed by length, without a CRC check, and
+        # none after stop_seq is looked at.
+        unchecked = skip_before - seq if skip_before and seq < skip_before else 0
+        limit = None if stop_seq is None or seq is None else max(0, stop_seq - seq + 1)
+        for status, at, end, timestamp, payload in fmt.walk_frames(
+            data, pos, limit=limit, verify_from=unchecked
+        ):
+            if status >= fmt.PARTIAL_HEADER:
+                # Nothing after this frame can be located: the scan of this file ends.
+                what = fmt.frame_detail(status, data, at, end)
+                if status == fmt.BAD_LENGTH:
+                    problem = fmt.Problem(
+                        "bad-length",
+                        file,
+                        at,
+                        seq,
+                        f"{what}; the remaining {file_end - at} bytes of the file are lost",
+                        file_end - at,
+                    )
+                else:
+                    problem = _tail_problem(file_end, at, file, seq, is_tail, what)
+                return _end(at, seq, entries, problem, on_problem)
+            if end == at + _HEADER and timestamp == 0 and fmt.is_all_zero(data, at):
+                # A zeroed header is a file extended by a crash, not an empty entry.
+                problem = _tail_problem(file_end, at, file, seq, is_tail, "zero-filled tail")
+                return _end(at, seq, entries, problem, on_problem)
+            if status == fmt.GOOD:
+                if add is not None:
+                    add((seq, timestamp, payload))
+            elif status == fmt.CRC_MISMATCH:
                 if is_tail and (end == size or fmt.is_all_zero(data, end)):
                     # The last entry of the newest file (only zeros after it, as a crash
                     # that extended the file leaves it): a write the crash interrupted.
                     problem = fmt.Problem(
-                        "torn-tail", file, pos, seq, "last entry fails its CRC", file_end - pos
+                        "torn-tail", file, at, seq, "last entry fails its CRC", file_end - at
                     )
-                    return _end(pos, seq, entries, problem, on_problem)
+                    return _end(at, seq, entries, problem, on_problem)
                 if on_problem is not None:
-                    on_problem(
-                        fmt.Problem(
-                            "crc-mismatch",
-                            file,
-                            pos,
-                            seq,
-                            f"stored CRC {crc:08x}, "
-                            f"payload of {length} bytes has "
-                            f"{_crc32(view[pos + _HEADER : end]):08x}",
-                        )
-                    )
-            elif add is not None:
-                add((seq, timestamp, data[pos + _HEADER : end]))
-        pos = end
-        entries += 1
-        if seq is not None:
-            seq += 1
+                    detail = fmt.frame_detail(status, data, at, end)
+                    on_problem(fmt.Problem("crc-mismatch", file, at, seq, detail))
+            pos = end
+            entries += 1
+            if seq is not None:
+                seq += 1
+            if fast is not None:
+                break  # back to the C code for the good entries after this one
+        else:
+            break  # the walk ended: at the end of data, or after stop_seq
     return ScanEnd(pos, seq, entries, None)
 
 
@@ -487,44 +477,33 @@ class WALReader:
         with f:
             f.seek(offset)
             data = f.read(chunk_bytes + _HEADER)
-            pos = 0
-            size = len(data)
-            count = 0
+            verified = count = 0
             if _scan_fast is not None:
                 # The C scan verifies every entry that lies wholly in the first max_bytes,
-                # most of a chunk; the loop below goes on from where it stopped: an entry
+                # most of a chunk; the code below goes on from where it stopped: an entry
                 # that crosses max_bytes, and whatever the scan leaves to Python (a damaged
-                # entry, which the loop reports by file, offset and sequence). Serving a
-                # catch-up spent 43% of the leader's time in this loop, entry by entry.
-                window = data if size <= max_bytes else data[:max_bytes]
-                pos, seq, count, _status = _scan_fast(window, 0, seq, 0, to_seq, None)
-            while seq <= to_seq and (count == 0 or pos < max_bytes):
-                if size - pos < _HEADER:
-                    if count:
-                        break
-                    data += f.read(_HEADER)
-                    size = len(data)
-                    if size - pos < _HEADER:
-                        break
-                length, _timestamp, crc = _unpack_header(data, pos)
-                end = pos + _HEADER + length
-                if length > _MAX:
-                    break
-                if end > size:
-                    if count:
-                        break
-                    data += f.read(end - size)  # one entry larger than the chunk
-                    size = len(data)
-                    if end > size:
-                        break  # not yet complete: never served
-                if _crc32(memoryview(data)[pos + _HEADER : end]) != crc:
-                    raise fmt.WALError(
-                        f"crc-mismatch in {segment.path} at offset {offset + pos} "
-                        f"(sequence {seq}): refusing to serve a damaged entry"
-                    )
-                pos = end
-                seq += 1
-                count += 1
+                # entry, which the check reports by file, offset and sequence).
+                window = data if len(data) <= max_bytes else data[:max_bytes]
+                verified, seq, count, _status = _scan_fast(window, 0, seq, 0, to_seq, None)
+            if count == 0 and seq <= to_seq:
+                data = _complete_first_frame(f, data, verified)
+        # On from where the C scan stopped (or from the start): up to to_seq, and while
+        # an entry starts before max_bytes, but at least one entry.
+        pos = verified
+        for status, at, end, _timestamp, _payload in fmt.walk_frames(
+            data,
+            verified,
+            limit=max(0, to_seq - seq + 1),
+            until=max_bytes if count else max(max_bytes, verified + 1),
+            verify_from=0,
+        ):
+            if status == fmt.CRC_MISMATCH:
+                _refuse(status, data, at, end, segment.path, seq, offset)
+            if status != fmt.GOOD:
+                break  # an incomplete entry (not yet written) or a bad length: never served
+            pos = end
+            seq += 1
+            count += 1
         if count == 0:
             # The segment holds nothing more: the next one must start exactly here.
             following = [s for s in self.segments() if s.first_seq == seq]
@@ -537,7 +516,8 @@ class WALReader:
         return from_seq, count, data[:pos]
 
     def _seek(self, seq: int) -> tuple[Segment, int, int]:
-        """(segment, seq, byte offset) of seq, walking only the entry headers."""
+        """(segment, seq, byte offset) of seq, walking the entry lengths of its segment
+        (read SEEK_CHUNK_BYTES at a time; payloads are not checked)."""
         segments = self.segments()
         index = _segment_index(segments, seq)
         if index >= len(segments) or segments[index].first_seq > seq:
@@ -553,12 +533,18 @@ class WALReader:
         with f:
             while current < seq:
                 f.seek(offset)
-                header = f.read(_HEADER)
-                if len(header) < _HEADER:
+                chunk = f.read(SEEK_CHUNK_BYTES)
+                base, stepped = offset, False
+                for status, _at, end, _timestamp, _payload in fmt.walk_frames(
+                    chunk, limit=seq - current, max_length=fmt.ANY_LENGTH
+                ):
+                    if status == fmt.PARTIAL_HEADER:
+                        break  # read on from this header
+                    offset, current, stepped = base + end, current + 1, True
+                    if status == fmt.PAST_END:
+                        break  # the next header is past this chunk
+                if not stepped:
                     raise RangeNotAvailable(seq, segments[0].first_seq, current - 1)
-                length = _unpack_header(header)[0]
-                offset += _HEADER + length
-                current += 1
         return segment, seq, offset
 
     def offset_of(self, seq: int) -> tuple[Segment, int] | None:
@@ -600,6 +586,18 @@ class WALReader:
         return h.hexdigest()
 
 
+def _complete_first_frame(f, data: bytes, pos: int) -> bytes:
+    """data with the rest of the frame at pos read from f, where data ends inside it:
+    a fetch serves its first entry whatever its size."""
+    if len(data) - pos < _HEADER:
+        data += f.read(_HEADER)
+    for status, _at, end, _timestamp, _payload in fmt.walk_frames(data, pos):
+        if status == fmt.PAST_END:
+            data += f.read(end - len(data))
+        break
+    return data
+
+
 def _segment_index(segments: list[Segment], seq: int) -> int:
     """Index of the segment that holds seq (the last one starting at or before it)."""
     lo, hi = 0, len(segments)
@@ -621,12 +619,14 @@ def decode_frames(data: bytes, first_seq: int) -> list[RawEntry]:
 
 def count_frames(data: bytes, first_seq: int) -> int:
     """decode_frames() without building the entries: the same checks and errors, and
-    how many entries the run holds. A reader appending a 1000-entry batch spent a
-    quarter of its time building entries that nothing read."""
+    how many entries the run holds (a reader's append needs no tuple and payload copy
+    per entry)."""
     return _check_frames(data, first_seq, None)
 
 
 def _check_frames(data: bytes, first_seq: int, out: list[RawEntry] | None) -> int:
+    """Check every frame of a run received from a peer: raise the first damage found
+    (TornTail, BadLength, CRCMismatch); append the entries to out if given."""
     pos = 0
     size = len(data)
     seq = first_seq
@@ -636,17 +636,21 @@ def _check_frames(data: bytes, first_seq: int, out: list[RawEntry] | None) -> in
             pos, seq, _passed, _status = fast(data, pos, seq, 0, None, out)
             if pos >= size:
                 break
-        if size - pos < _HEADER:
-            raise fmt.WALError(f"frames for sequence {seq}: partial header at byte {pos}")
-        length, timestamp, crc = _unpack_header(data, pos)
-        end = pos + _HEADER + length
-        if length > _MAX or end > size:
-            raise fmt.WALError(f"frames for sequence {seq}: bad length {length} at byte {pos}")
-        payload = data[pos + _HEADER : end]
-        if _crc32(payload) != crc:
-            raise fmt.WALError(f"frames for sequence {seq}: CRC mismatch at byte {pos}")
-        if out is not None:
-            out.append((seq, timestamp, payload))
-        pos = end
-        seq += 1
+        for status, at, end, timestamp, payload in fmt.walk_frames(data, pos, verify_from=0):
+            if status != fmt.GOOD:
+                _refuse(status, data, at, end, None, seq, 0)
+            if out is not None:
+                out.append((seq, timestamp, payload))
+            pos = end
+            seq += 1
+            if fast is not None:
+                break  # back to the C code for the good frames after this one
     return len(out) if out is not None else seq - first_seq
+
+
+def _refuse(status, data, at, end, file, seq, offset) -> NoReturn:
+    """Raise the damage a walk found where every frame must be good (a run from a peer,
+    frames a fetch would serve): TornTail, BadLength or CRCMismatch, by file, offset
+    and sequence. The one place a walk's damage is raised."""
+    problem = fmt.frame_problem(status, data, at, end, file=file, seq=seq, offset=offset)
+    raise problem.error()

@@ -1,4 +1,4 @@
-"""The WAL writer: sequences, group commit, sync modes, rotation, purges, repair on open.
+"""The WAL writer: sequences, group commit, sync modes, rotation and purges.
 
 Callers append from any thread; each accepted entry gets the next sequence at once
 and waits in an in-memory queue. One background thread (or, with
@@ -16,8 +16,10 @@ machines where waking another thread is expensive (see README, Performance).
 
 The writer owns the files of its directory and is the only writer there: it locks
 the directory (node.lockfile) before it looks at or repairs anything, and a second
-writer, in this process or another, is refused with WALLocked. It never talks to
-the network; the cluster layer hangs replication off its hooks.
+writer, in this process or another, is refused with WALLocked. What it does on open
+with a log a crash left damaged is node.repair's; which segments a purge may delete
+is node.purge's; every fsync of a directory, cut and delete goes through node.files.
+It never talks to the network; the cluster layer hangs replication off its hooks.
 """
 
 from __future__ import annotations
@@ -34,18 +36,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import files, purge
 from . import format as fmt
-from .dirsync import ensure_private_dir, sync_dir
 from .lockfile import lock_dir
-from .reader import (
-    ScanEnd,
-    Segment,
-    WALReader,
-    count_frames,
-    decode_frames,
-    list_segments,
-    scan,
-)
+from .reader import Segment, count_frames, decode_frames, list_segments
+from .repair import MODES as REPAIR_MODES
+from .repair import open_log
 
 log = logging.getLogger("walrep.node.writer")
 
@@ -57,22 +53,13 @@ DEFAULT_BUFFER_ENTRIES = 10_000
 # After a failed write (a full disk, say) the writer retries the same group this
 # often: the entries already have sequences, so they must go to disk in order.
 WRITE_RETRY_INTERVAL_S = 0.5
-REPAIR_MODES = ("tail", "cut")
-# Repairs copy cut bytes to a .broken file this many at a time and leave a block of
-# zeros as a hole instead of writing it.
-_SPARSE_BLOCK_BYTES = 1024 * 1024
-# How many zeros past a newest segment's last non-zero byte its scan on open reads:
-# a crash leaves a few, and a file extended by a gigabyte of them must not cost a
-# gigabyte of memory. Below this much, the whole file is read, as it always was.
-_ZERO_TAIL_READ_BYTES = 1024 * 1024
 SYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 _pack_header = fmt.ENTRY_HEADER.pack
 _crc32 = fmt.crc32
 _MAX = fmt.MAX_PAYLOAD_BYTES
 
-# The C framing of a batch (node/_scan.c), when it was built: the Python loop of
-# _frame_payloads was most of the cost of append_batch. As in node.reader,
+# The C framing of a batch (node/_scan.c), when it was built. As in node.reader,
 # WALREP_PURE_PYTHON=1 (read at import) or setting this to None forces pure Python.
 _frame_fast: Callable[[Sequence[bytes], int, Callable[[int], Exception]], bytes] | None = None
 if os.environ.get("WALREP_PURE_PYTHON", "") in ("", "0"):
@@ -85,7 +72,7 @@ if os.environ.get("WALREP_PURE_PYTHON", "") in ("", "0"):
 class SyncMode(enum.StrEnum):
     FSYNC = "fsync"
     FDATASYNC = "fdatasync"
-    ASYNC = "async"  # write each group, sync every SYNC_INTERVAL or SYNC_BYTES
+    ASYNC = "async"  # write each group; sync every sync_interval_s or sync_bytes
 
 
 class WALDropped(fmt.WALError):
@@ -186,9 +173,7 @@ class Writer:
     ):
         self.wal_dir = wal_dir
         self.sync_mode = SyncMode(sync_mode)
-        # What opening does with damage: "tail" cuts a torn tail of the newest segment
-        # and refuses anything else (a leader: its log is the only copy); "cut" cuts
-        # the whole log back to its first damaged entry (a reader, which refetches).
+        # What opening does with damage: see node.repair.MODES.
         if repair not in REPAIR_MODES:
             raise ValueError(f"repair must be one of {', '.join(REPAIR_MODES)}, got {repair!r}")
         self.repair = repair
@@ -221,7 +206,6 @@ class Writer:
         self._failed: BaseException | None = None
 
         self._replication_hook: Callable[[ReplicationEntry], None] | None = None
-        self._batch_hook: Callable[[list[ReplicationEntry]], None] | None = None
         self._commit_hook: Callable[[CommittedRun], None] | None = None
         self._durable_hook: Callable[[int], None] | None = None
 
@@ -238,7 +222,7 @@ class Writer:
         self.sync_seconds_sum = 0.0
         self.repairs: list[fmt.Problem] = []
 
-        ensure_private_dir(wal_dir)
+        files.ensure_private_dir(wal_dir)
         self._fd: int | None = None
         self._active: Segment | None = None
         self._active_size = 0
@@ -282,105 +266,12 @@ class Writer:
     # --- opening -------------------------------------------------------------------
 
     def _open_newest(self) -> int:
-        """Repair the newest segment if a crash tore it and return the next sequence."""
-        if self.repair == "cut":
-            self._cut_at_first_damage()
-        segments, unsequenced = list_segments(self.wal_dir)
-        for path in unsequenced:
-            log.info("not a sequenced segment, left alone by the writer: %s", path)
-        if not segments:
-            return 1
-        newest = segments[-1]
-        data, size = _read_newest_segment(newest.path)
-        header_problem = fmt.check_file_header(data)
-        if header_problem is not None:
-            if len(data) < fmt.FILE_HEADER_BYTES and fmt.FILE_HEADER.startswith(data):
-                # Created by a rotation that crashed before the header was complete.
-                self._rewrite_header(newest.path)
-                self._attach(newest, fmt.FILE_HEADER_BYTES, 0)
-                return newest.first_seq
-            raise fmt.WALError(f"cannot open the newest segment {newest.path}: {header_problem}")
-        problems: list[fmt.Problem] = []
-        end = _scan_newest_segment(newest, data, size, problems)
-        damage = [p for p in problems if p.kind != "torn-tail"]
-        if damage:
-            # Past a bad CRC or length the entry boundaries are uncertain, so the next
-            # sequence is too: refuse rather than risk reusing one.
-            raise fmt.WALError(
-                f"the newest segment is damaged, so the next sequence is uncertain: {damage[0]}. "
-                "Entries before that offset are intact (walrep dump shows them). A reader node "
-                "can be restarted with --resync; for a leader, keep a copy of the file and "
-                f"truncate it to {damage[0].offset} bytes to continue from sequence "
-                f"{damage[0].sequence}."
-            )
-        if end.problem is not None:
-            self._cut_tail(newest.path, end.valid_end, end.problem)
-        self._attach(newest, end.valid_end, end.entries)
+        """Repair the log as self.repair says (node.repair), attach to its newest
+        segment, and return the next sequence."""
+        end = open_log(self.wal_dir, self.repair, self.repairs)
+        if end.segment is not None:
+            self._attach(end.segment, end.size, end.entries)
         return end.next_seq
-
-    def _cut_at_first_damage(self) -> None:
-        """repair="cut": cut the log just before its first damaged entry, in any segment.
-
-        The cut bytes go to ``<segment>.broken`` and every later segment is renamed to
-        ``<segment>.broken`` (newest first, so a crash midway leaves a log whose damage
-        the next open finds again). Writing continues at the damaged entry's sequence.
-        """
-        problems: list[fmt.Problem] = []
-        for _entry in WALReader(self.wal_dir, on_problem=problems.append).raw_entries():
-            if problems:
-                break
-        if not problems:
-            return
-        problem = problems[0]
-        segments = list_segments(self.wal_dir)[0]
-        index = next(i for i, s in enumerate(segments) if s.path == problem.file)
-        moved = segments[index + 1 :]
-        for segment in reversed(moved):
-            broken = f"{segment.path}.broken"
-            if os.path.exists(broken):
-                _copy_sparse_synced(segment.path, 0, broken)
-                os.unlink(segment.path)
-            else:
-                os.rename(segment.path, broken)
-            sync_dir(self.wal_dir)
-        keep = problem.offset if problem.kind != "bad-header" else 0
-        cut = _copy_sparse_synced(problem.file, keep, f"{problem.file}.broken")
-        if keep < fmt.FILE_HEADER_BYTES:
-            self._rewrite_header(problem.file)
-        else:
-            _truncate_synced(problem.file, keep)
-        sync_dir(self.wal_dir)
-        self.repairs.append(problem)
-        log.warning(
-            "repair=cut: cut the log before sequence %s: %s; kept the %d cut bytes in "
-            "%s.broken and moved %d later segments to .broken files",
-            problem.sequence,
-            problem,
-            cut,
-            problem.file,
-            len(moved),
-        )
-
-    def _cut_tail(self, path: str, valid_end: int, problem: fmt.Problem) -> None:
-        broken = f"{path}.broken"
-        cut = _copy_sparse_synced(path, valid_end, broken)
-        _truncate_synced(path, valid_end)
-        sync_dir(self.wal_dir)
-        self.repairs.append(problem)
-        log.warning(
-            "cut a torn tail: %s; kept the %d cut bytes in %s",
-            problem,
-            cut,
-            broken,
-        )
-
-    def _rewrite_header(self, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-        try:
-            os.write(fd, fmt.FILE_HEADER)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _attach(self, segment: Segment, size: int, entries: int) -> None:
         self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
@@ -400,11 +291,6 @@ class Writer:
         """
         with self._lock:
             self._replication_hook = hook
-
-    def set_batch_hook(self, hook: Callable[[list[ReplicationEntry]], None] | None) -> None:
-        """Like the replication hook, but called once per append call with its entries."""
-        with self._lock:
-            self._batch_hook = hook
 
     def set_commit_hook(self, hook: Callable[[CommittedRun], None] | None) -> None:
         """Called each time a run of entries is committed: from the writer thread, or
@@ -482,7 +368,7 @@ class Writer:
             queue = self._queue
             queue.append(frame)
             self._queued_entries += 1
-            if self._replication_hook is not None or self._batch_hook is not None:
+            if self._replication_hook is not None:
                 self._call_hooks(
                     lambda _first: [ReplicationEntry(seq, timestamp, bytes(payload))], seq
                 )
@@ -585,7 +471,7 @@ class Writer:
             was_empty = not self._queue
             self._queue.extend(chunks)
             self._queued_entries += n
-            if self._replication_hook is not None or self._batch_hook is not None:
+            if self._replication_hook is not None:
                 self._call_hooks(hook_entries, first)
         if was_empty and self._thread is not None:
             self._wake.set()
@@ -630,12 +516,8 @@ class Writer:
         try:
             # Built in here: a reader's entries are decoded from its frames only now,
             # and an error doing so must not refuse what is already queued either.
-            entries = hook_entries(first)
-            if self._replication_hook is not None:
-                for entry in entries:
-                    self._replication_hook(entry)
-            if self._batch_hook is not None:
-                self._batch_hook(entries)
+            for entry in hook_entries(first):
+                self._replication_hook(entry)
         except Exception:
             # The entries are accepted whatever a hook does; a failing hook must not
             # make the caller believe they were refused.
@@ -832,8 +714,8 @@ class Writer:
             hook is not None or count < _WRITEV_FROM_ENTRIES_PER_CHUNK * len(chunks)
         ):
             # The hook needs the run in one piece anyway; chunks of an entry or a few
-            # are cheaper joined than as a writev of a thousand small buffers, which
-            # halved the rate of append_raw, one entry per call.
+            # are cheaper joined than as a writev of a thousand small buffers (README,
+            # Performance).
             chunks = [b"".join(chunks)]
         size = sum(map(len, chunks))
         first = self._written_next
@@ -862,9 +744,8 @@ class Writer:
     def _write_all(self, chunks: list[bytes], size: int) -> None:
         """Write the chunks (size bytes in all) in order with os.writev, which, unlike
         joining them first, copies nothing and lets go of the GIL for the whole copy
-        into the page cache: in async mode the join held it for 131 of the writer
-        thread's 320 py-spy samples while the appending thread waited to frame the
-        next batch."""
+        into the page cache, so appending threads can frame their next batch meanwhile
+        (README, Performance)."""
         start_size = self._active_size
         try:
             pending: list = chunks
@@ -933,7 +814,7 @@ class Writer:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        sync_dir(self.wal_dir)
+        files.sync_dir(self.wal_dir)
         self._fd = fd
         self._active = Segment(path, first_seq)
         self._active_size = fmt.FILE_HEADER_BYTES
@@ -1041,47 +922,28 @@ class Writer:
         with self._files_lock:
             if self._active is None or self._active_entries:
                 self._rotate(self._written_next)
-            active = self.current_file()
-            return self._delete(s for s in self.segments() if s.path != active)
+            return self._delete(purge.inactive(self.segments(), self.current_file()))
 
     def purge_inactive(self) -> int:
         """Delete every segment except the active one."""
         with self._files_lock:
-            active = self.current_file()
-            return self._delete(s for s in self.segments() if s.path != active)
+            return self._delete(purge.inactive(self.segments(), self.current_file()))
 
     def purge_older_than(self, min_age_s: float) -> int:
         """Delete inactive segments whose modification time is older than min_age_s."""
         cutoff = time.time() - min_age_s
         with self._files_lock:
-            active = self.current_file()
             return self._delete(
-                s for s in self.segments() if s.path != active and _mtime(s.path) < cutoff
+                purge.older_than(self.segments(), self.current_file(), cutoff, files.mtime_or_inf)
             )
 
     def purge_before(self, seq: int) -> int:
         """Delete inactive segments all of whose entries are below seq (retention)."""
         with self._files_lock:
-            segments = self.segments()
-            active = self.current_file()
-            doomed = [
-                s
-                for s, following in zip(segments, segments[1:], strict=False)
-                if following.first_seq <= seq and s.path != active
-            ]
-            return self._delete(doomed)
+            return self._delete(purge.before(self.segments(), seq, self.current_file()))
 
     def _delete(self, segments: Iterable[Segment]) -> int:
-        removed = 0
-        for segment in segments:
-            try:
-                os.unlink(segment.path)
-                removed += 1
-            except FileNotFoundError:
-                pass
-        if removed:
-            sync_dir(self.wal_dir)
-        return removed
+        return files.unlink_synced(self.wal_dir, (s.path for s in segments))
 
 
 # How many buffers one writev call may take (POSIX guarantees at least 16; Linux 1024).
@@ -1145,154 +1007,3 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _fdatasync(fd: int) -> None:
     os.fdatasync(fd)
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.stat(path).st_mtime
-    except FileNotFoundError:
-        return float("inf")
-
-
-def _truncate_synced(path: str, size: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_newest_segment(path: str) -> tuple[bytes, int]:
-    """The newest segment's bytes for the scan on open, and the file's size.
-
-    A crash can leave a file longer than what was written to it, ending in zeros,
-    and so can a tool: however many there are, the scan needs the bytes up to the
-    last non-zero one and a few of the zeros after it (_scan_newest_segment adds
-    more if an entry reaches further). So a gigabyte of zeros is neither read into
-    memory nor, where it is a hole, read at all.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        limit = min(size, _data_end(fd, size) + _ZERO_TAIL_READ_BYTES)
-        parts = []
-        pos = 0
-        while pos < limit and (part := os.pread(fd, limit - pos, pos)):
-            parts.append(part)
-            pos += len(part)
-    finally:
-        os.close(fd)
-    data = parts[0] if len(parts) == 1 else b"".join(parts)
-    return data, (size if pos == limit else pos)  # short of limit: the file shrank
-
-
-def _scan_newest_segment(
-    segment: Segment, data: bytes, size: int, problems: list[fmt.Problem]
-) -> ScanEnd:
-    """scan() of the newest segment as if data held all of its size bytes.
-
-    Past the bytes _read_newest_segment read, the file holds only zeros: when the
-    scan stops where it needs more of them (an entry whose payload ends in zeros,
-    or the header after it), they are added here, not read.
-    """
-    while True:
-        problems.clear()
-        end = scan(
-            data,
-            segment.path,
-            segment.first_seq,
-            is_tail=True,
-            on_problem=problems.append,
-            file_size=size,
-        )
-        if len(data) >= size:
-            return end
-        need = _bytes_to_judge(data, end.valid_end)
-        if need <= len(data):
-            return end
-        data += bytes(min(size, need + _ZERO_TAIL_READ_BYTES) - len(data))
-
-
-def _bytes_to_judge(data: bytes, pos: int) -> int:
-    """How much of the file the scan needs to judge the entry at pos: its header and,
-    if the length there is possible, its payload (0 if no more would change that)."""
-    if len(data) - pos < fmt.ENTRY_HEADER_BYTES:
-        return pos + fmt.ENTRY_HEADER_BYTES
-    length = fmt.ENTRY_HEADER.unpack_from(data, pos)[0]
-    if length > _MAX:
-        return 0  # a bad length however many bytes follow
-    return pos + fmt.ENTRY_HEADER_BYTES + length
-
-
-def _data_regions(fd: int, start: int, stop: int) -> list[tuple[int, int]]:
-    """The parts of [start, stop) of a file that are not holes, in order (all of it
-    where the file system cannot tell)."""
-    seek_data = getattr(os, "SEEK_DATA", None)  # Linux, and not every other system
-    if seek_data is None:
-        return [(start, stop)] if start < stop else []
-    regions: list[tuple[int, int]] = []
-    pos = start
-    while pos < stop:
-        try:
-            begin = os.lseek(fd, pos, seek_data)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break  # a hole from pos to the end of the file
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return [(start, stop)]
-            raise
-        if begin >= stop:
-            break
-        end = min(os.lseek(fd, begin, os.SEEK_HOLE), stop)
-        regions.append((begin, end))
-        pos = end
-    return regions
-
-
-def _data_end(fd: int, size: int) -> int:
-    """The offset just past the file's last non-zero byte (0 if it is all zeros)."""
-    for begin, end in reversed(_data_regions(fd, 0, size)):
-        while end > begin:
-            start = max(begin, end - _SPARSE_BLOCK_BYTES)
-            kept = os.pread(fd, end - start, start).rstrip(b"\0")
-            if kept:
-                return start + len(kept)
-            end = start
-    return 0
-
-
-def _copy_sparse_synced(src: str, start: int, dst: str) -> int:
-    """Append src's bytes from start on to dst (created 0600), fsync dst, return how many.
-
-    The copy has the same length and content, but zeros are not written: holes in
-    src and blocks of zeros stay holes in dst, and the rest goes a block at a time,
-    so a tail of a gigabyte of zeros costs neither a gigabyte of disk nor of memory.
-    """
-    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        count = max(0, os.fstat(src_fd).st_size - start)
-        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            at = os.fstat(dst_fd).st_size - start  # after what earlier repairs kept there
-            for begin, end in _data_regions(src_fd, start, start + count):
-                for offset in range(begin, end, _SPARSE_BLOCK_BYTES):
-                    block = os.pread(src_fd, min(_SPARSE_BLOCK_BYTES, end - offset), offset)
-                    if block.count(0) != len(block):
-                        _pwrite_all(dst_fd, block, at + offset)
-            os.ftruncate(dst_fd, at + start + count)
-            os.fsync(dst_fd)
-        finally:
-            os.close(dst_fd)
-    finally:
-        os.close(src_fd)
-    os.chmod(dst, 0o600)
-    return count
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written

@@ -255,7 +255,7 @@ def test_writer_refused_batch_adds_nothing(tmp_path):
     wal_dir = str(tmp_path / "wal")
     seen: list = []
     w = node.Writer(wal_dir, sync_mode="async")
-    w.set_batch_hook(seen.append)
+    w.set_replication_hook(seen.append)
     try:
         assert w.append_batch([b"one"]) == (1, 1)
         with pytest.raises(fmt.PayloadTooLarge):
@@ -270,7 +270,4 @@ def test_writer_refused_batch_adds_nothing(tmp_path):
     entries, problems = walhelpers.read_all(wal_dir)
     assert problems == []
     assert [(seq, p) for seq, _ts, p in entries] == [(1, b"one"), (2, b"two"), (3, b"three")]
-    assert [[(e.seq, e.payload) for e in batch] for batch in seen] == [
-        [(1, b"one")],
-        [(2, b"two"), (3, b"three")],
-    ]
+    assert [(e.seq, e.payload) for e in seen] == [(1, b"one"), (2, b"two"), (3, b"three")]

@@ -215,18 +215,16 @@ def test_purge_before_keeps_every_entry_at_or_after_the_sequence(wal):
 # --- invariant 2: refused entries get no sequence and reach no hook ---------------------
 
 
-def _recording_hooks(w: node.Writer):
+def _recording_hook(w: node.Writer) -> list[node.ReplicationEntry]:
     entries: list[node.ReplicationEntry] = []
-    batches: list[list[int]] = []
     w.set_replication_hook(entries.append)
-    w.set_batch_hook(lambda b: batches.append([e.seq for e in b]))
-    return entries, batches
+    return entries
 
 
 def test_dropped_entries_get_no_sequence(wal):
     gate = wal.gate()
     w = wal.writer(buffer_entries=2, sync_file=gate)
-    entries, batches = _recording_hooks(w)
+    entries = _recording_hook(w)
     gate.hold()
     assert w.append_raw_nowait(b"one") == 1
     gate.wait_entered()  # the writer thread took entry 1 and is stuck in a sync
@@ -248,13 +246,12 @@ def test_dropped_entries_get_no_sequence(wal):
     assert w.append_raw(b"four", durable=True, timeout=WAIT_S) == 4
     w.close()
     assert [e.seq for e in entries] == [1, 2, 3, 4]
-    assert batches == [[1], [2], [3], [4]]
     assert payloads_on_disk(wal.dir()) == {1: b"one", 2: b"two", 3: b"three", 4: b"four"}
 
 
 def test_payload_too_large_gets_no_sequence(wal):
     w = wal.writer()
-    entries, batches = _recording_hooks(w)
+    entries = _recording_hook(w)
     w.append_raw(b"before")
     huge = bytes(HUGE)
     for call in (
@@ -270,7 +267,7 @@ def test_payload_too_large_gets_no_sequence(wal):
     assert w.current_sequence() == 1
     assert w.append_raw(b"after", durable=True, timeout=WAIT_S) == 2
     w.close()
-    assert [e.seq for e in entries] == [1, 2] and batches == [[1], [2]]
+    assert [e.seq for e in entries] == [1, 2]
     # Nothing half-written: the batch with one oversized payload left no trace.
     assert payloads_on_disk(wal.dir()) == {1: b"before", 2: b"after"}
     assert bodies(wal.dir()).count(b"ok") == 0
@@ -287,7 +284,7 @@ def test_enveloped_payload_too_large_counts_the_envelope(wal):
 
 def test_invalid_database_name_gets_no_sequence(wal):
     w = wal.writer()
-    entries, _ = _recording_hooks(w)
+    entries = _recording_hook(w)
     for name in ("d" * 256, "\udc80", b"db"):
         with pytest.raises(node.InvalidDatabaseName):
             w.append_raw_with_meta(name, b"\x90")
@@ -300,7 +297,7 @@ def test_invalid_database_name_gets_no_sequence(wal):
 
 def test_a_closed_writer_accepts_nothing(wal):
     w = wal.writer()
-    entries, _ = _recording_hooks(w)
+    entries = _recording_hook(w)
     w.append_raw(b"kept")
     w.close()
     w.close()  # idempotent
@@ -360,9 +357,9 @@ def test_close_wakes_a_caller_waiting_for_room(wal):
 # --- hooks ---------------------------------------------------------------------------------
 
 
-def test_hooks_see_accepted_entries_in_order_and_one_batch_per_call(wal):
+def test_hooks_see_accepted_entries_in_order_and_one_run_per_call(wal):
     w = wal.writer()
-    entries, batches = _recording_hooks(w)
+    entries = _recording_hook(w)
     calls: list[tuple[int, int]] = []
     calls_lock = threading.Lock()
 
@@ -383,8 +380,10 @@ def test_hooks_see_accepted_entries_in_order_and_one_batch_per_call(wal):
     w.close()
     total = w.current_sequence()
     assert [e.seq for e in entries] == list(range(1, total + 1))
-    assert sorted(calls) == [(b[0], b[-1]) for b in batches]
-    assert all(b == list(range(b[0], b[-1] + 1)) for b in batches)
+    # Each call got a run of consecutive sequences, and the runs cover every one.
+    runs = sorted(calls)
+    assert [first for first, _ in runs] == [1] + [last + 1 for _, last in runs[:-1]]
+    assert runs[-1][1] == total and all(first <= last for first, last in runs)
     on_disk = payloads_on_disk(wal.dir())
     assert {e.seq: e.payload for e in entries} == on_disk
     assert [e.timestamp_us for e in entries] == [t for _, t, _ in read_all(wal.dir())[0]]

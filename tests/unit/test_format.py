@@ -316,3 +316,75 @@ def test_is_all_zero(size):
         damaged = bytearray(data)
         damaged[-1] = 1
         assert not fmt.is_all_zero(bytes(damaged), 4)
+
+
+# --- walking frames ---------------------------------------------------------------------
+
+
+def _walk(data, **options):
+    return [(status, pos, end) for status, pos, end, _ts, _p in fmt.walk_frames(data, **options)]
+
+
+def test_walk_frames_steps_by_length_and_checks_from_verify_from():
+    one, two, three = (fmt.encode_entry(7, bytes([i]) * (10 * i)) for i in (1, 2, 3))
+    run = one + two + three
+    ends = [len(one), len(one + two), len(run)]
+    starts = [0, *ends[:-1]]
+    assert _walk(run) == [(fmt.FRAME, a, b) for a, b in zip(starts, ends, strict=True)]
+    assert [s for s, _, _ in _walk(run, verify_from=1)] == [fmt.FRAME, fmt.GOOD, fmt.GOOD]
+    frames = list(fmt.walk_frames(run, verify_from=0))
+    assert [(ts, payload) for _, _, _, ts, payload in frames] == [
+        (7, b"\x01" * 10),
+        (7, b"\x02" * 20),
+        (7, b"\x03" * 30),
+    ]
+    damaged = one + two[:-1] + b"?" + three
+    assert [s for s, _, _ in _walk(damaged, verify_from=0)] == [
+        fmt.GOOD,
+        fmt.CRC_MISMATCH,  # a whole frame: the walk goes on after it
+        fmt.GOOD,
+    ]
+    # From an offset, at most limit frames, and none that starts at or past until.
+    assert _walk(run, pos=ends[0]) == _walk(run)[1:]
+    assert _walk(run, limit=2) == _walk(run)[:2]
+    assert _walk(run, limit=0) == []
+    assert _walk(run, until=ends[0] + 1) == _walk(run)[:2]
+    assert _walk(run, until=ends[0]) == _walk(run)[:1]
+
+
+def test_walk_frames_ends_with_the_frame_it_cannot_step_over():
+    good = fmt.encode_entry(1, b"abc")
+    n = len(good)
+    assert _walk(good + good[:10]) == [(fmt.FRAME, 0, n), (fmt.PARTIAL_HEADER, n, None)]
+    assert _walk(good + good[:-1]) == [(fmt.FRAME, 0, n), (fmt.PAST_END, n, 2 * n)]
+    huge = struct.pack(">IQI", fmt.MAX_PAYLOAD_BYTES + 1, 1, 0)
+    end = n + 16 + fmt.MAX_PAYLOAD_BYTES + 1
+    assert _walk(good + huge + good) == [(fmt.FRAME, 0, n), (fmt.BAD_LENGTH, n, end)]
+    # A walk by length alone steps over any length that fits, as its C twins do.
+    assert _walk(good + huge, max_length=fmt.ANY_LENGTH)[-1] == (fmt.PAST_END, n, end)
+    assert _walk(b"") == []
+
+
+@pytest.mark.parametrize(
+    "status, words",
+    [
+        (fmt.PARTIAL_HEADER, "partial entry header"),
+        (fmt.PAST_END, "entry of 3 bytes, only 2 present"),
+        (fmt.CRC_MISMATCH, "stored CRC"),
+    ],
+)
+def test_frame_problems_of_a_run_name_kind_offset_and_sequence(status, words):
+    good = fmt.encode_entry(1, b"abc")
+    bad = {
+        fmt.PARTIAL_HEADER: good[:9],
+        fmt.PAST_END: good[:-1],
+        fmt.CRC_MISMATCH: good[:-1] + b"?",
+    }[status]
+    data = good + bad
+    [*_, (found, pos, end, _ts, _p)] = fmt.walk_frames(data, verify_from=0)
+    assert found == status
+    problem = fmt.frame_problem(status, data, pos, end, file=None, seq=42, offset=100)
+    assert (problem.file, problem.offset, problem.sequence) == (None, 100 + len(good), 42)
+    assert words in problem.detail
+    kind = "crc-mismatch" if status == fmt.CRC_MISMATCH else "torn-tail"
+    assert problem.kind == kind and type(problem.error()).kind == kind

@@ -23,7 +23,10 @@ pytestmark = pytest.mark.timeout(240)
 
 def _tracked_tree(dest: str) -> None:
     listed = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
     ).stdout.split(b"\0")
     for name in filter(None, (n.decode() for n in listed)):
         if not os.path.exists(os.path.join(ROOT, name)):
@@ -34,7 +37,10 @@ def _tracked_tree(dest: str) -> None:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """(python of a fresh venv holding only walrep, its site-packages)."""
+    """(python of a fresh venv holding only walrep, its site-packages).
+
+    Built from the files git tracks or would track (new modules not yet added count).
+    """
     if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")):
         pytest.skip("needs the git checkout to know the tracked files")
     base = tmp_path_factory.mktemp("packaging")
