@@ -205,8 +205,8 @@ def tune_for_latency() -> None:
     # default a busy trio thread keeps it for up to 5 ms, which shows in commit latency.
     sys.setswitchinterval(0.0005)
     # Everything built so far (modules, config) lives as long as the process: keep it
-    # out of every full collection, whose pause is a commit-latency outlier (measured:
-    # one 9.5 ms full collection in a 5 s run of `walrep load`).
+    # out of every full collection, whose pause is a commit-latency outlier (README,
+    # Performance).
     gc.freeze()
 
 

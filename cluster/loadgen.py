@@ -4,10 +4,9 @@ Each entry's payload carries its id, so a checker can match the log against the
 history written with --log (one JSON line per entry: id, seq, outcome).
 
 It is one thread driving one DEALER socket with plain pyzmq and epoll, not the
-trio client: a load generator shares the machine with the nodes it measures. On
-the 2-vCPU VM of README's Performance section, at 1000 requests/s, the trio
-client spent about 320 us of CPU per request and this loop about 155, and the
-commit latency it measured fell from p50/p99 2.8-3.2/5-27 ms to 2.1-2.3/3.6-4.9.
+trio client: a load generator shares the machine with the nodes it measures, and
+this loop spends about half the trio client's CPU per request (README,
+Performance).
 The messages, the client id, the request ids and the retry rule are the trio
 client's (cluster.client): a retry resends the same request, and the leader
 answers it with the original sequences.
@@ -16,8 +15,7 @@ Pacing (--rate) has the resolution of epoll's timeout, a millisecond, as trio's
 had: a request goes out on the first wake-up at or after its time, so when a
 wake-up is late the requests that fell due go out together, and the rate over
 any few milliseconds is exact. (Spacing them to the microsecond with select()
-measured worse on that VM: p50 2.4-2.5 ms and p99 7-25 ms, against 2.1-2.2 and
-4.1-6.4 in the same runs.)
+measured worse: README, Performance.)
 """
 
 from __future__ import annotations

@@ -84,9 +84,8 @@ class WouldBlock(trio.WouldBlock, zmq.Again):
     whichever its layer already speaks.
 
     Every drain loop ends with one, so it is built without zmq.Again's
-    __init__, which imports inside the call: 4 us of a 6 us raise on the
-    2-vCPU VM of README's Performance section. errno and strerror are what
-    zmq.Again would carry.
+    __init__, which imports inside the call (most of a raise's cost: README,
+    Performance). errno and strerror are what zmq.Again would carry.
     """
 
     errno: Final = zmq.EAGAIN
@@ -356,8 +355,7 @@ class TrioSocket:
 
     # Receives take zmq.Frame objects and ask each frame whether more follow: pyzmq's
     # recv_multipart asks getsockopt(RCVMORE), which converts the option to an enum
-    # per frame. On the 2-vCPU VM of README's Performance section a two-frame
-    # ROUTER receive with its peer address took 10.3 us that way and 5.8 us this way.
+    # per frame, which nearly doubled a two-frame ROUTER receive (README, Performance).
 
     def _try_recv_frames(self) -> Any:
         """One whole message as zmq.Frame objects, or _WOULD_BLOCK."""
@@ -469,7 +467,7 @@ class TrioSocket:
 
     def _send_frames(self, frames: Sequence[_Buffer], flags: int) -> None:
         """pyzmq's send_multipart, without its per-frame IntFlag OR and buffer checks
-        (3.5 us of a 6 us two-frame send on the VM of README's Performance section).
+        (more than half of a two-frame send: README, Performance).
         Any part that is not bytes goes through send_multipart, which checks every
         part before it sends the first, so a bad part cannot leave half a message."""
         sock = self._sock
@@ -554,10 +552,8 @@ class TrioSocket:
     def _wake_fd_sleeper(self) -> None:
         # The sleeper is in trio's wait_readable, which only a cancel scope or
         # notify_closing can end early. A cancel scope entered around every
-        # sleep is paid on every message, woken or not: a TrioSocket echo loop
-        # took 122 us of CPU per message with it and 103 us without, on the
-        # 2-vCPU VM of README's Performance section. notify_closing costs
-        # nothing until a wake is needed. It makes wait_readable raise
+        # sleep is paid on every message, woken or not (README, Performance).
+        # notify_closing costs nothing until a wake is needed. It makes wait_readable raise
         # ClosedResourceError and drops the FD from trio's epoll set; the next
         # wait registers it again. The FD is not closing: _sleep_on_fd tells
         # the two apart by self._closed, which close() sets before its own

@@ -20,9 +20,8 @@
  *
  * Walks of a run of frames by their length fields only (no CRC), for the
  * replication code: where frame number skip starts (-1 when the run ends before
- * it), and where to cut the run into pieces of about max_bytes. In Python these
- * took 380 and 330 us per 1000-entry batch on the VM of README's Performance
- * section, once per batch on every node.
+ * it), and where to cut the run into pieces of about max_bytes. They run once per
+ * batch on every node, where the Python loops cost too much (README, Performance).
  *
  * frame_payloads(payloads, timestamp_us, too_large) -> bytes
  *
@@ -202,9 +201,8 @@ crc32_zlib(const unsigned char *p, size_t n)
 }
 #endif /* WALREP_USE_ZLIB */
 
-/* Folding with PCLMULQDQ where the CPU has it. On this project's VM (Intel Xeon host)
- * it takes 5.0 us for 100 KB against zlib's 25.8, and framing a batch of 1000
- * 100-byte payloads 46 us against 67. Without it, slice-by-8, and zlib's crc32 from
+/* Folding with PCLMULQDQ where the CPU has it: about 5x zlib's crc32 on 100 KB
+ * (figures in README, Performance). Without it, slice-by-8, and zlib's crc32 from
  * 1 KiB when it was linked. */
 static uint32_t
 crc32_ieee(const unsigned char *p, size_t n)
